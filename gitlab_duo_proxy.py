@@ -1,0 +1,2508 @@
+#!/usr/bin/env python3
+"""gitlab-duo-proxy: use a GitLab Duo subscription from any Anthropic or OpenAI API client.
+
+Serves the Anthropic Messages API (and an OpenAI-compatible front door) on
+http://127.0.0.1:4141 and relays every call to GitLab's AI gateway, exchanging your
+GitLab token for short-lived gateway tokens as needed. One file, Python 3.8+, standard
+library only.
+
+Quick start:
+  cp .env.example .env          # put GITLAB_TOKEN=glpat-... in it (scope: api)
+  python3 gitlab_duo_proxy.py   # then point a client at http://127.0.0.1:4141
+
+  ANTHROPIC_BASE_URL=http://127.0.0.1:4141 ANTHROPIC_API_KEY=dummy claude
+
+Routes: POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models[/{id}],
+POST /v1/chat/completions, POST /v1/responses, GET /stats, GET|HEAD /.
+
+Settings come from command-line flags, then the environment, then a .env file (next
+to this script and in the working directory, or the one --env-file names).
+"""
+
+import argparse
+import base64
+import collections
+import dataclasses
+import email.utils
+import hashlib
+import hmac
+import http.client
+import http.server
+import ipaddress
+import json
+import logging
+import os
+import random
+import re
+import selectors
+import shlex
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+
+__version__ = "1.0.0"
+
+# === Constants and model catalog ===
+
+NAME = "gitlab-duo-proxy"
+USER_AGENT = "%s/%s (python/%d.%d)" % ((NAME, __version__) + tuple(sys.version_info[:2]))
+log = logging.getLogger("gitlab_duo_proxy")
+
+DIRECT_ACCESS_PATH = "/api/v4/ai/third_party_agents/direct_access"
+# GitLab ignores the body; its own client sends this, so we do too.
+DIRECT_ACCESS_BODY = b'{"feature_flags": {"DuoAgentPlatformNext": true}}'
+ANTHROPIC_PROXY = "/v1/proxy/anthropic"
+OPENAI_PROXY = "/v1/proxy/openai"
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+TOKEN_MARGIN = 300          # refresh gateway tokens this many seconds before they expire
+TOKEN_FALLBACK_TTL = 1500   # GitLab's tokens live ~1 h; without expires_at trust 25 min
+MIB = 1024 * 1024
+
+Model = collections.namedtuple("Model", "id display_name created_at provider context_window")
+
+# GitLab's list of models changes monthly: MODELS= in the environment replaces or edits
+# this list without touching code. Dates are release dates; they order /v1/models and
+# decide which model a family name ("opus") means only when versions tie.
+MODEL_CATALOG = (
+    Model("claude-fable-5", "Claude Fable 5", "2026-08-01T00:00:00Z", "anthropic", 1000000),
+    Model("claude-opus-5", "Claude Opus 5", "2026-07-15T00:00:00Z", "anthropic", 1000000),
+    Model("claude-sonnet-5", "Claude Sonnet 5", "2026-07-15T00:00:00Z", "anthropic", 1000000),
+    Model("claude-opus-4-8", "Claude Opus 4.8", "2026-06-01T00:00:00Z", "anthropic", 1000000),
+    Model("claude-opus-4-7", "Claude Opus 4.7", "2026-04-01T00:00:00Z", "anthropic", 1000000),
+    Model("claude-sonnet-4-6", "Claude Sonnet 4.6", "2026-02-17T00:00:00Z", "anthropic", 1000000),
+    Model("claude-opus-4-6", "Claude Opus 4.6", "2026-02-05T00:00:00Z", "anthropic", 1000000),
+    Model("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z", "anthropic", 200000),
+    Model("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z", "anthropic", 200000),
+    Model("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z", "anthropic", 200000),
+    Model("gpt-5.2-codex", "GPT-5.2 Codex", "2025-12-18T00:00:00Z", "openai", 400000),
+    Model("gpt-5.1-2025-11-13", "GPT-5.1", "2025-11-13T00:00:00Z", "openai", 400000),
+    Model("gpt-5-codex", "GPT-5 Codex", "2025-09-15T00:00:00Z", "openai", 400000),
+    Model("gpt-5-mini-2025-08-07", "GPT-5 mini", "2025-08-07T00:00:00Z", "openai", 400000),
+)
+# On every 2026 list GitLab published; claude-sonnet-4-5-20250929 retires 2026-11-30.
+DEFAULT_MODEL = "claude-sonnet-4-6"
+
+HOP_BY_HOP = frozenset((
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+))
+SECRET_HEADERS = frozenset((
+    "authorization", "x-api-key", "proxy-authorization", "cookie", "set-cookie",
+    "private-token", "x-gitlab-oidc-token", "job-token",
+))
+# Upstream response headers a client may see; everything else (cookies, server
+# software, hop-by-hop framing) stays behind the proxy.
+RESPONSE_HEADER_ALLOW = ("content-type", "content-encoding", "anthropic-", "openai-",
+                         "retry-after", "x-should-retry", "x-ratelimit-")
+RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504, 529))
+GATEWAY_RETRY_STATUSES = frozenset((408, 429, 502, 503, 504, 529))
+
+# === Errors ===
+
+ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+    429: "rate_limit_error", 500: "api_error", 504: "timeout_error", 529: "overloaded_error",
+}
+
+
+def error_type_for(status):
+    """Anthropic's error type for an HTTP status."""
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "invalid_request_error" if status < 500 else "api_error"
+
+
+class ProxyError(Exception):
+    """An error the client receives as Anthropic error JSON with this status."""
+
+    status = 500
+
+    def __init__(self, message, status=None, headers=None, retry=None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.headers = dict(headers or {})
+        self.retry = retry  # None: let the client decide; True/False: x-should-retry
+
+    @property
+    def error_type(self):
+        return error_type_for(self.status)
+
+    def body(self):
+        return anthropic_error_body(self.error_type, self.message)
+
+
+class BadRequest(ProxyError):
+    status = 400
+
+
+class Unauthorized(ProxyError):
+    status = 401
+
+
+class NotFound(ProxyError):
+    status = 404
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+
+
+class LengthRequired(ProxyError):
+    status = 411
+
+
+class PayloadTooLarge(ProxyError):
+    status = 413
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+
+
+class PassThrough(ProxyError):
+    """An upstream error that is already Anthropic-shaped: relayed byte for byte."""
+
+    def __init__(self, status, raw, headers=None, retry=None):
+        super().__init__("upstream error %d" % status, status, headers, retry)
+        self.raw = raw
+
+    def body(self):
+        return self.raw
+
+
+class ClientGone(Exception):
+    """The client closed its connection; there is nobody left to answer."""
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; start-up stops with this one line."""
+
+
+def anthropic_error_body(error_type, message):
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+
+
+# === Config ===
+
+Option = collections.namedtuple("Option", "dest env flag default kind help")
+
+OPTIONS = (
+    Option("gitlab_token", "GITLAB_TOKEN", None, "", "secret",
+           "GitLab personal access token (scope api) or OAuth access token; environment or "
+           ".env only, never a flag, so it stays out of process lists"),
+    Option("gitlab_token_file", "GITLAB_TOKEN_FILE", "--token-file", "", "str",
+           "read the GitLab token from this file"),
+    Option("gitlab_token_command", "GITLAB_TOKEN_COMMAND", "--token-command", "", "str",
+           "run this command and use its output as the GitLab token (re-run when GitLab "
+           "rejects the token), e.g. 'pass show gitlab'"),
+    Option("instance_url", "GITLAB_INSTANCE_URL", "--instance-url", "https://gitlab.com", "url",
+           "GitLab instance that exchanges the token"),
+    Option("gateway_url", "GITLAB_AI_GATEWAY_URL", "--gateway-url", "https://cloud.gitlab.com", "url",
+           "GitLab AI gateway"),
+    Option("gateway_prefix", "GITLAB_AI_GATEWAY_PREFIX", "--gateway-prefix", "/ai", "prefix",
+           "path under which the gateway serves /v1/proxy/...; empty for a self-hosted "
+           "gateway such as a local GDK's (http://localhost:5052)"),
+    Option("host", "HOST", "--host", "127.0.0.1", "str", "address to listen on"),
+    Option("port", "PORT", "--port", 4141, "port", "port to listen on (0: any free port)"),
+    Option("default_model", "DEFAULT_MODEL", "--default-model", DEFAULT_MODEL, "str",
+           "model used when a request names none; aliases allowed"),
+    Option("models", "MODELS", "--models", "", "str",
+           "model catalog: comma-separated ids replacing the built-in list, or +id / -id "
+           "entries that add to or remove from it"),
+    Option("api_key", "PROXY_API_KEY", "--api-key", "", "secret",
+           "key clients must send (x-api-key or Authorization: Bearer); required to listen "
+           "beyond loopback"),
+    Option("allow_unauthenticated", "ALLOW_UNAUTHENTICATED", "--allow-unauthenticated", False, "bool",
+           "listen on a non-loopback address without PROXY_API_KEY (anyone who reaches the "
+           "port spends your Duo seat)"),
+    Option("per_user", "PER_USER", "--per-user", False, "bool",
+           "team mode: each client sends its own GitLab token as its API key"),
+    Option("tls_cert", "TLS_CERT", "--tls-cert", "", "str", "serve HTTPS with this certificate (PEM)"),
+    Option("tls_key", "TLS_KEY", "--tls-key", "", "str", "private key for --tls-cert (PEM)"),
+    Option("ca_bundle", "GITLAB_CA_BUNDLE", "--ca-bundle", "", "str",
+           "CA certificates (PEM) to trust for GitLab and the gateway, for internal CAs "
+           "(SSL_CERT_FILE works too)"),
+    Option("max_body", "MAX_REQUEST_BYTES", "--max-request-bytes", 32 * MIB, "int",
+           "largest request body accepted (bytes)"),
+    Option("connect_timeout", "CONNECT_TIMEOUT", "--connect-timeout", 10.0, "float",
+           "seconds to connect to GitLab or the gateway"),
+    Option("token_timeout", "TOKEN_TIMEOUT", "--token-timeout", 15.0, "float",
+           "seconds to wait for GitLab's token exchange"),
+    Option("read_timeout", "READ_TIMEOUT", "--read-timeout", 600.0, "float",
+           "seconds to wait for the gateway's answer to start (non-streaming generations "
+           "are silent until done)"),
+    Option("stream_idle_timeout", "STREAM_IDLE_TIMEOUT", "--stream-idle-timeout", 300.0, "float",
+           "seconds a stream may stay silent before it is cut"),
+    Option("stream_max_seconds", "STREAM_MAX_SECONDS", "--stream-max-seconds", 3600.0, "float",
+           "longest a single stream may last"),
+    Option("client_timeout", "CLIENT_TIMEOUT", "--client-timeout", 120.0, "float",
+           "seconds an idle or stalled client connection is kept"),
+    Option("retries", "UPSTREAM_RETRIES", "--retries", 2, "int",
+           "retries on connection errors, 408, 429, 502, 503, 504 and 529 before any byte "
+           "reached the client"),
+    Option("retry_base_delay", "RETRY_BASE_DELAY", "--retry-base-delay", 0.5, "float",
+           "first retry delay in seconds (doubles each time, with jitter)"),
+    Option("retry_max_seconds", "RETRY_MAX_SECONDS", "--retry-max-seconds", 20.0, "float",
+           "total time retries may add to one request"),
+    Option("shutdown_grace", "SHUTDOWN_GRACE", "--shutdown-grace", 30.0, "float",
+           "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
+    Option("cors_origins", "CORS_ORIGINS", "--cors-origins", "", "str",
+           "comma-separated origins allowed to call from a browser (none by default)"),
+    Option("log_format", "LOG_FORMAT", "--log-format", "text", "logformat", "log lines as text or json"),
+    Option("debug", "DEBUG", "--debug", False, "bool", "log headers too (secrets redacted)"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting, read once at start-up; nothing else reads the environment."""
+
+    gitlab_token: str = dataclasses.field(default="", repr=False)
+    gitlab_token_file: str = ""
+    gitlab_token_command: str = ""
+    instance_url: str = "https://gitlab.com"
+    gateway_url: str = "https://cloud.gitlab.com"
+    gateway_prefix: str = "/ai"
+    host: str = "127.0.0.1"
+    port: int = 4141
+    default_model: str = DEFAULT_MODEL
+    models: str = ""
+    api_key: str = dataclasses.field(default="", repr=False)
+    allow_unauthenticated: bool = False
+    per_user: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    ca_bundle: str = ""
+    max_body: int = 32 * MIB
+    connect_timeout: float = 10.0
+    token_timeout: float = 15.0
+    read_timeout: float = 600.0
+    stream_idle_timeout: float = 300.0
+    stream_max_seconds: float = 3600.0
+    client_timeout: float = 120.0
+    retries: int = 2
+    retry_base_delay: float = 0.5
+    retry_max_seconds: float = 20.0
+    shutdown_grace: float = 30.0
+    cors_origins: str = ""
+    log_format: str = "text"
+    debug: bool = False
+    # Corporate proxy settings, from the usual variables.
+    https_proxy: str = dataclasses.field(default="", repr=False)
+    http_proxy: str = dataclasses.field(default="", repr=False)
+    no_proxy: str = ""
+    token_source: str = ""   # where the GitLab token came from, for messages
+    env_files: tuple = ()
+
+    @property
+    def gateway_base(self):
+        base = self.gateway_url.rstrip("/")
+        if self.gateway_prefix and not base.endswith(self.gateway_prefix):
+            base += self.gateway_prefix
+        return base
+
+    def secrets(self):
+        return tuple(s for s in (self.gitlab_token, self.api_key) if s)
+
+
+def parse_dotenv(text):
+    """KEY=VALUE lines as a dict: `export ` prefixes, quotes and # comments allowed."""
+    values = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip()
+        if key.startswith("export "):
+            key = key[7:].strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def read_env_files(paths):
+    """Merged .env values (later files win) and the file each value came from."""
+    values, origin = {}, {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("cannot read %s: %s" % (path, exc)) from None
+        for key, value in parse_dotenv(text).items():
+            values[key] = value
+            origin[key] = path
+    return values, origin
+
+
+def default_env_files(cwd=None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [os.path.join(here, ".env"), os.path.join(cwd or os.getcwd(), ".env")]
+    unique = []
+    for path in paths:
+        if os.path.abspath(path) not in map(os.path.abspath, unique):
+            unique.append(path)
+    return unique
+
+
+def parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true/false, 1/0, yes/no or on/off")
+
+
+def parse_url(text):
+    parts = urllib.parse.urlsplit(text.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    parts.port  # noqa: B018 -- raises ValueError for a malformed port
+    return text.strip().rstrip("/")
+
+
+def parse_port(text):
+    port = int(str(text).strip())
+    if not 0 <= port <= 65535:
+        raise ValueError("expected a number between 0 and 65535")
+    return port
+
+
+def parse_prefix(text):
+    value = str(text).strip().strip("/")
+    return "/" + value if value else ""
+
+
+def parse_positive(kind):
+    def parse(text):
+        value = int(str(text).strip()) if kind == "int" else float(str(text).strip())
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+    return parse
+
+
+def parse_log_format(text):
+    value = str(text).strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
+PARSERS = {
+    "str": lambda v: str(v).strip(), "secret": lambda v: str(v).strip(), "url": parse_url,
+    "port": parse_port, "bool": parse_bool, "int": parse_positive("int"),
+    "float": parse_positive("float"), "prefix": parse_prefix, "logformat": parse_log_format,
+}
+
+
+def build_arg_parser():
+    parser = argparse.ArgumentParser(
+        prog="gitlab_duo_proxy.py", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Environment only: GITLAB_TOKEN (%s). Corporate proxies: HTTPS_PROXY, "
+               "HTTP_PROXY, NO_PROXY." % OPTIONS[0].help)
+    parser.add_argument("--version", action="version", version="%s %s" % (NAME, __version__))
+    parser.add_argument("--env-file", metavar="PATH",
+                        help="read settings from this .env file instead of ./.env and the "
+                             "one next to the script")
+    for opt in OPTIONS:
+        if opt.flag is None:
+            continue
+        shown = "on/off" if opt.kind == "bool" else repr(opt.default) if opt.default != "" else "unset"
+        text = "%s (default: %s; env %s)" % (opt.help, shown, opt.env)
+        if opt.kind == "bool":
+            parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1",
+                                default=None, help=text.replace("%", "%%"))
+        else:
+            parser.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.env,
+                                help=text.replace("%", "%%"))
+    add_action_arguments(parser)
+    return parser
+
+
+def resolve_settings(args, environ, dotenv):
+    """Flags win over the environment, which wins over .env files."""
+    values, sources = {}, {}
+    for opt in OPTIONS:
+        flag_value = getattr(args, opt.dest, None)
+        if flag_value is not None:
+            raw, source = flag_value, opt.flag
+        elif opt.env in environ:
+            raw, source = environ[opt.env], "environment"
+        elif opt.env in dotenv:
+            raw, source = dotenv[opt.env], ".env"
+        else:
+            values[opt.dest] = opt.default
+            continue
+        try:
+            values[opt.dest] = PARSERS[opt.kind](raw)
+        except ValueError as exc:
+            shown = "(hidden)" if opt.kind == "secret" else repr(str(raw))
+            raise ConfigError("%s=%s is not valid: %s" % (opt.env, shown, exc)) from None
+        sources[opt.dest] = source
+    return values, sources
+
+
+def proxy_settings(environ, dotenv):
+    def pick(name):
+        for key in (name.upper(), name.lower()):
+            if key in environ:
+                return environ[key]
+        return dotenv.get(name.upper(), dotenv.get(name.lower(), ""))
+    values = {"https_proxy": pick("https_proxy"), "http_proxy": pick("http_proxy"),
+              "no_proxy": pick("no_proxy")}
+    for key in ("https_proxy", "http_proxy"):
+        if values[key] and not urllib.parse.urlsplit(values[key]).hostname:
+            raise ConfigError("%s is not a proxy URL (expected http://host:port)" % key.upper())
+        if values[key].startswith("https://"):
+            raise ConfigError("%s: only http:// proxies are supported (CONNECT tunnels "
+                              "still carry TLS end to end)" % key.upper())
+    return values
+
+
+def load_config(argv=None, environ=None, cwd=None):
+    """Parse flags, environment and .env files into (Config, parsed args, warnings)."""
+    environ = os.environ if environ is None else environ
+    args = build_arg_parser().parse_args(argv)
+    files = [args.env_file] if args.env_file else default_env_files(cwd)
+    if args.env_file and not os.path.isfile(args.env_file):
+        raise ConfigError("--env-file %s: no such file" % args.env_file)
+    dotenv, origin = read_env_files(files)
+    values, sources = resolve_settings(args, environ, dotenv)
+    values.update(proxy_settings(environ, dotenv))
+    values["env_files"] = tuple(p for p in files if os.path.isfile(p))
+    warnings = []
+    if sources.get("gitlab_token") == ".env":
+        warnings.extend(check_file_private(origin["GITLAB_TOKEN"]))
+    values["token_source"] = describe_token_source(values, sources, origin)
+    config = Config(**values)
+    validate_config(config, args)
+    return config, args, warnings
+
+
+def describe_token_source(values, sources, origin):
+    if values["gitlab_token"]:
+        source = sources.get("gitlab_token")
+        return "GITLAB_TOKEN in %s" % (origin["GITLAB_TOKEN"] if source == ".env" else "the environment")
+    if values["gitlab_token_file"]:
+        return "GITLAB_TOKEN_FILE %s" % values["gitlab_token_file"]
+    if values["gitlab_token_command"]:
+        return "GITLAB_TOKEN_COMMAND"
+    return ""
+
+
+def check_file_private(path):
+    """A warning when a file holding the token is readable by group or others."""
+    if os.name != "posix":
+        return []
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return []
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        return ["%s holds GITLAB_TOKEN and is readable by other users (mode %s); run: chmod 600 %s"
+                % (path, oct(mode & 0o777), shlex.quote(path))]
+    return []
+
+
+def is_loopback(host):
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def validate_config(config, args):
+    needs_token = not (config.per_user or getattr(args, "print_env", None)
+                       or getattr(args, "goose_config", None))
+    if needs_token and not config.token_source:
+        raise ConfigError("no GitLab token: set GITLAB_TOKEN (in the environment or .env), "
+                          "GITLAB_TOKEN_FILE or GITLAB_TOKEN_COMMAND, or use --per-user")
+    if config.per_user and config.token_source:
+        raise ConfigError("--per-user takes each client's own GitLab token; unset %s"
+                          % config.token_source.split(" ")[0])
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    if not is_loopback(config.host) and not (config.api_key or config.per_user
+                                             or config.allow_unauthenticated):
+        raise ConfigError("refusing to listen on %s without PROXY_API_KEY: anyone who reaches "
+                          "the port could spend your Duo seat. Set PROXY_API_KEY, or pass "
+                          "--allow-unauthenticated if the network is trusted" % config.host)
+
+
+# === Pure helpers: models ===
+
+_VERSIONED = re.compile(r"^claude-([a-z]+)-(\d+)(?:-(\d{1,2}))?(?:-(\d{8}))?$")
+_DATE_SUFFIX = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")
+_SHORT_FAMILY = re.compile(r"^(?:claude-)?([a-z]+)(?:-latest)?$")
+
+
+def model_version_key(model_id):
+    """(major, minor, date) of a claude id, for "newest of a family"; None otherwise."""
+    match = _VERSIONED.match(model_id)
+    if not match:
+        return None
+    return (int(match.group(2)), int(match.group(3) or 0), match.group(4) or "")
+
+
+def model_family(model_id):
+    match = _VERSIONED.match(model_id)
+    return match.group(1) if match else None
+
+
+def guess_provider(model_id):
+    return "openai" if re.match(r"^(gpt-|o\d|codex)", model_id) else "anthropic"
+
+
+def display_name_for(model_id):
+    words = _DATE_SUFFIX.sub("", model_id).split("-")
+    if words[0] == "claude":
+        family = [w.capitalize() for w in words[1:] if not w.isdigit()]
+        version = ".".join(w for w in words[1:] if w.isdigit())
+        return " ".join(["Claude"] + family + ([version] if version else []))
+    return "-".join(w.upper() if w == "gpt" else w for w in words)
+
+
+def created_for(model_id):
+    match = re.search(r"(\d{4})-?(\d{2})-?(\d{2})$", model_id)
+    return "%s-%s-%sT00:00:00Z" % match.groups() if match else "2026-01-01T00:00:00Z"
+
+
+def build_catalog(spec, builtin=MODEL_CATALOG):
+    """The model list after MODELS= (plain ids replace the list; +id adds, -id removes)."""
+    entries = [item.strip() for item in spec.split(",") if item.strip()]
+    known = {m.id: m for m in builtin}
+    replace = [e for e in entries if e[0] not in "+-"]
+    models = [] if replace else list(builtin)
+    for entry in entries:
+        model_id = entry.lstrip("+-").strip()
+        if entry.startswith("-"):
+            models = [m for m in models if m.id != model_id]
+        elif all(m.id != model_id for m in models):
+            models.append(known.get(model_id) or Model(
+                model_id, display_name_for(model_id), created_for(model_id),
+                guess_provider(model_id), 200000))
+    models.sort(key=lambda m: (m.created_at, m.id), reverse=True)
+    return tuple(models)
+
+
+class Catalog:
+    """The models this proxy knows, and what a client's model name means."""
+
+    def __init__(self, models, default_model):
+        self.models = tuple(models)
+        self.by_id = {m.id: m for m in self.models}
+        self.default_model = self.resolve(default_model) if default_model else ""
+
+    def ids(self, provider=None):
+        return [m.id for m in self.models if provider in (None, m.provider)]
+
+    def provider(self, model_id):
+        model = self.by_id.get(model_id)
+        return model.provider if model else guess_provider(model_id)
+
+    def resolve(self, name):
+        """The dated id GitLab wants for a client's model name (unknown names unchanged)."""
+        name = name.strip()
+        if not name or name == "duo-chat":
+            return self.default_model or name
+        if name in self.by_id:
+            return name
+        if name.startswith("duo-chat-"):
+            return self.resolve(duo_chat_name(name[len("duo-chat-"):]))
+        if name.endswith("-latest"):
+            return self.resolve(name[:-len("-latest")])
+        return self._newest_family(name) or self._dated(name) or self._undated(name) or name
+
+    def _newest_family(self, name):
+        match = _SHORT_FAMILY.match(name)
+        if not match:
+            return None
+        family = [m.id for m in self.models if model_family(m.id) == match.group(1)]
+        return max(family, key=model_version_key) if family else None
+
+    def _dated(self, name):
+        """claude-sonnet-4-5 -> claude-sonnet-4-5-20250929; gpt-5.1 -> gpt-5.1-2025-11-13."""
+        dated = [m.id for m in self.models
+                 if m.id.startswith(name + "-") and _DATE_SUFFIX.match(m.id[len(name):])]
+        return max(dated) if dated else None
+
+    def _undated(self, name):
+        """A dated name for a model GitLab lists without a date (claude-opus-4-6-20260205)."""
+        base = _DATE_SUFFIX.sub("", name)
+        return base if base != name and base in self.by_id else None
+
+    def page(self, limit=20, after_id=None, before_id=None, provider=None):
+        """One page of /v1/models, newest first, as (models, has_more)."""
+        models = [m for m in self.models if provider in (None, m.provider)]
+        ids = [m.id for m in models]
+        for cursor in (after_id, before_id):
+            if cursor is not None and cursor not in ids:
+                raise BadRequest("unknown model id %r in after_id/before_id; list /v1/models "
+                                 "without it first" % cursor)
+        if after_id is not None:
+            models = models[ids.index(after_id) + 1:]
+            return models[:limit], len(models) > limit
+        if before_id is not None:
+            models = models[:ids.index(before_id)]
+            return models[-limit:], len(models) > limit
+        return models[:limit], len(models) > limit
+
+
+def duo_chat_name(rest):
+    """GitLab's own client names: duo-chat-opus-4-6, duo-chat-gpt-5-1, duo-chat-gpt-5-2-codex."""
+    if rest.startswith("gpt-"):
+        return re.sub(r"^gpt-(\d+)-(\d+)", r"gpt-\1.\2", rest)
+    return "claude-" + rest
+
+
+def model_entry(model):
+    """A model in Anthropic's schema with OpenAI's fields beside it."""
+    created = email.utils.parsedate_to_datetime(
+        time.strftime("%a, %d %b %Y %H:%M:%S +0000",
+                      time.strptime(model.created_at, "%Y-%m-%dT%H:%M:%SZ")))
+    return {"type": "model", "id": model.id, "display_name": model.display_name,
+            "created_at": model.created_at, "object": "model", "created": int(created.timestamp()),
+            "owned_by": model.provider}
+
+
+def models_list_body(models, has_more):
+    return {"data": [model_entry(m) for m in models], "has_more": has_more,
+            "first_id": models[0].id if models else None,
+            "last_id": models[-1].id if models else None, "object": "list"}
+
+
+def parse_page_args(query):
+    """limit/after_id/before_id from a /v1/models query string."""
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        raise BadRequest("limit must be a whole number between 1 and 1000") from None
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be between 1 and 1000")
+    after_id, before_id = query.get("after_id"), query.get("before_id")
+    if after_id is not None and before_id is not None:
+        raise BadRequest("give after_id or before_id, not both")
+    return limit, after_id, before_id
+
+
+# === Pure helpers: requests ===
+
+_JSON_DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class JsonBody:
+    """A request body parsed once, keeping where each top-level value sits in the text,
+    so the model name can change without re-serialising anything else."""
+
+    __slots__ = ("text", "members", "spans")
+
+    def __init__(self, raw):
+        try:
+            self.text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest("request body is not valid UTF-8 (byte %d); send JSON encoded as "
+                             "UTF-8" % exc.start) from None
+        self.members, self.spans = {}, {}
+        try:
+            self._scan()
+        except ValueError as exc:
+            raise BadRequest("request body is not valid JSON: %s" % exc) from None
+
+    def _scan(self):
+        text, ws = self.text, _WHITESPACE
+        i = ws.match(text, 0).end()
+        if text[i:i + 1] != "{":
+            raise BadRequest("request body must be a JSON object ({...}), not %s"
+                             % (json_kind(text[i:i + 1]) or "empty"))
+        i = ws.match(text, i + 1).end()
+        if text[i:i + 1] == "}":
+            return self._finish(i + 1)
+        while True:
+            if text[i:i + 1] != '"':
+                raise ValueError("expected a property name at char %d" % i)
+            key, i = json.decoder.scanstring(text, i + 1)
+            i = ws.match(text, i).end()
+            if text[i:i + 1] != ":":
+                raise ValueError("expected ':' at char %d" % i)
+            start = ws.match(text, i + 1).end()
+            value, end = _JSON_DECODER.raw_decode(text, start)
+            self.members[key], self.spans[key] = value, (start, end)
+            i = ws.match(text, end).end()
+            if text[i:i + 1] == "}":
+                return self._finish(i + 1)
+            if text[i:i + 1] != ",":
+                raise ValueError("expected ',' or '}' at char %d" % i)
+            i = ws.match(text, i + 1).end()
+
+    def _finish(self, i):
+        if _WHITESPACE.match(self.text, i).end() != len(self.text):
+            raise ValueError("extra data after the object at char %d" % i)
+
+    def get(self, key, default=None):
+        return self.members.get(key, default)
+
+    def with_value(self, key, value):
+        """The body as bytes with one top-level value replaced (or added first)."""
+        encoded = json.dumps(value)
+        if key in self.spans:
+            start, end = self.spans[key]
+            return (self.text[:start] + encoded + self.text[end:]).encode("utf-8")
+        brace = self.text.index("{") + 1
+        sep = "," if self.members else ""
+        return (self.text[:brace] + json.dumps(key) + ":" + encoded + sep
+                + self.text[brace:]).encode("utf-8")
+
+
+def json_kind(first_char):
+    return {"[": "an array", '"': "a string", "t": "true", "f": "false", "n": "null"}.get(
+        first_char, "a number" if first_char[:1] in "-0123456789" and first_char else "")
+
+
+def split_target(target):
+    """(path, query dict) of a request target; /v1/v1/... is accepted as /v1/..."""
+    path, _, query = target.partition("?")
+    if "://" in path:
+        raise NotFound("absolute URLs are not served: this is not an open proxy")
+    while path.startswith("/v1/v1/") or path == "/v1/v1":
+        path = path[3:]
+    if len(path) > 1:
+        path = path.rstrip("/")
+    params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+    return path, params
+
+
+def header_values(headers, name):
+    return headers.get_all(name) or []
+
+
+def join_beta(values):
+    """Several anthropic-beta lines as one: the gateway keeps only the first line."""
+    parts = []
+    for value in values:
+        parts.extend(p.strip() for p in value.split(",") if p.strip())
+    return ",".join(dict.fromkeys(parts))
+
+
+def gateway_headers(client_headers, exchange_headers, token, body_length, api="anthropic"):
+    """The headers a gateway call carries: never the client's credentials."""
+    headers = {"Authorization": "Bearer " + token, "Content-Type": "application/json",
+               "Content-Length": str(body_length), "Accept-Encoding": "identity",
+               "User-Agent": USER_AGENT}
+    headers.update(exchange_headers)
+    accept = client_headers.get("accept")
+    if accept:
+        headers["Accept"] = clean_header_value(accept)
+    if api == "anthropic":
+        headers["anthropic-version"] = clean_header_value(
+            client_headers.get("anthropic-version") or DEFAULT_ANTHROPIC_VERSION)
+        beta = join_beta(header_values(client_headers, "anthropic-beta"))
+        if beta:
+            headers["anthropic-beta"] = clean_header_value(beta)
+    return headers
+
+
+def clean_header_value(value):
+    """A header value that cannot split a header block (CR/LF/NUL removed, latin-1 only)."""
+    value = re.sub(r"[\r\n\x00]", " ", str(value))
+    return value.encode("latin-1", "replace").decode("latin-1")
+
+
+def clean_exchange_headers(headers):
+    """The exchange's headers, replayed as they came, minus anything unsendable."""
+    if not isinstance(headers, dict):
+        raise ValueError("headers is not an object")
+    clean = {}
+    for key, value in headers.items():
+        if str(key).lower() in ("x-api-key", "authorization"):
+            continue
+        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", str(key)) or re.search(r"[\r\n\x00]", str(value)):
+            raise ValueError("header %r cannot be sent" % key)
+        clean[str(key)] = str(value)
+    return clean
+
+
+def redact_headers(pairs):
+    """Header pairs safe to log: credential values replaced."""
+    return [(k, "[redacted]" if k.lower() in SECRET_HEADERS else v) for k, v in pairs]
+
+
+def response_headers_for_client(headers):
+    """Which upstream response headers a client may see."""
+    return [(k, clean_header_value(v)) for k, v in headers.items()
+            if k.lower().startswith(RESPONSE_HEADER_ALLOW) and k.lower() != "content-length"]
+
+
+def parse_retry_after(value, now=None):
+    """Seconds from a Retry-After value (seconds or an HTTP date); None if unusable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def retry_after_seconds(headers):
+    """Retry-After (or retry-after-ms) of an upstream answer, in seconds."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("retry-after"))
+
+
+def backoff_delay(attempt, base, cap=8.0, rng=random.random):
+    """Exponential backoff with jitter: between half and all of base * 2^attempt."""
+    delay = min(cap, base * (2 ** attempt))
+    return delay * (0.5 + rng() / 2)
+
+
+def proxy_bypassed(host, port, no_proxy):
+    """Whether NO_PROXY exempts host (suffix match, *, and optional :port)."""
+    host = host.lower().strip("[]")
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
+        if entry_port and entry_port != str(port):
+            continue
+        name = name.lstrip(".").lstrip("*.")
+        if host == name or host.endswith("." + name):
+            return True
+    return False
+
+
+def safe_for_log(value, limit=120):
+    """A client-supplied string that cannot forge log lines."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
+
+
+# === Pure helpers: errors ===
+
+def error_message_of(obj):
+    """The human message in one of GitLab's or the gateway's error shapes."""
+    if not isinstance(obj, dict):
+        return None
+    for key in ("message", "detail", "error_description", "error"):
+        value = obj.get(key)
+        if isinstance(value, dict):
+            value = error_message_of(value)
+        if isinstance(value, list):
+            value = "; ".join(str(v.get("msg", v)) if isinstance(v, dict) else str(v) for v in value)
+        if isinstance(value, str) and value:
+            if key == "error" and isinstance(obj.get("message"), str):
+                continue
+            return value
+    return None
+
+
+def is_anthropic_error(obj):
+    return (isinstance(obj, dict) and obj.get("type") == "error"
+            and isinstance(obj.get("error"), dict) and isinstance(obj["error"].get("type"), str))
+
+
+def gateway_error_hint(status, message, obj, model, known_models):
+    """What a user can do about a gateway error that is not Anthropic's own."""
+    lower = (message or "").lower()
+    code = str(obj.get("error_code", "") if isinstance(obj, dict) else "")
+    if "unsupported model" in lower:
+        return ("GitLab does not serve model %r. Models this proxy knows: %s. If GitLab's list "
+                "changed, set MODELS or pick another model." % (model, ", ".join(known_models)))
+    if "failed to extract model" in lower:
+        return "The request needs a \"model\" string."
+    if code == "USAGE_QUOTA_EXCEEDED" or "insufficient_credits" in lower:
+        return "Your GitLab Duo credits are used up; ask your GitLab administrator for more."
+    if code == "USAGE_QUOTA_NOT_ENTITLED" or "not_entitled" in lower:
+        return "Your GitLab subscription does not include this; check your Duo Pro/Enterprise seat."
+    if "proxy endpoints are not enabled" in lower:
+        return ("An administrator of your top-level group must allow third-party agents "
+                "(Duo proxy endpoints) for this namespace.")
+    if "missing x-gitlab" in lower or "mismatch" in lower:
+        return "GitLab's headers were not accepted; this is a proxy bug, please report it."
+    return GATEWAY_STATUS_HINTS.get(status, "")
+
+
+GATEWAY_STATUS_HINTS = {
+    401: "The AI gateway rejected the token even after a fresh exchange. Check that your GitLab "
+         "token is valid with scope api and that your Duo seat is active.",
+    402: "GitLab refused to bill this request; check your Duo subscription and credits.",
+    403: "GitLab does not allow this for your account; check your Duo seat and namespace settings.",
+    404: "The gateway has no such route: check GITLAB_AI_GATEWAY_URL and GITLAB_AI_GATEWAY_PREFIX "
+         "(a self-hosted gateway usually needs an empty prefix).",
+    429: "Too many requests; wait a moment and retry.",
+    502: "The gateway could not reach the model provider; retry shortly.",
+    503: "The gateway is unavailable; retry shortly.",
+    504: "The gateway timed out; retry, or use streaming for long answers.",
+}
+
+
+def translate_gateway_error(status, raw, model, known_models):
+    """Anthropic-shaped errors stay as they are (None); others become a ProxyError."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        obj = None
+    if is_anthropic_error(obj):
+        return None
+    message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "error")
+    hint = gateway_error_hint(status, message, obj, model, known_models)
+    text = "GitLab AI gateway answered %d: %s" % (status, message.rstrip("."))
+    return ProxyError(text + (". " + hint if hint else ""), status)
+
+
+def short_text(raw, limit=300):
+    text = raw.decode("utf-8", "replace").strip()
+    if "<html" in text[:200].lower():
+        return ""
+    return " ".join(text.split())[:limit]
+
+
+TOKEN_ERROR_HINTS = {
+    401: "GitLab rejected the GitLab token (%s): it is invalid, expired or revoked. Create a "
+         "personal access token with scope api (or refresh your OAuth token) and set GITLAB_TOKEN.",
+    403: "GitLab refused a Duo token (%s): Duo is not enabled for this user or instance, or an "
+         "administrator disabled third-party agents / direct connections. Ask your GitLab admin "
+         "to assign a Duo Pro/Enterprise seat and allow third-party agents.",
+    429: "GitLab rate-limited the token exchange (%s); retry shortly.",
+    503: "GitLab could not mint a Duo token (%s): check your Duo seat, credits and default Duo "
+         "namespace, then retry.",
+}
+
+
+def translate_token_error(status, raw, retry_after=None):
+    """A failed direct_access exchange as an actionable Anthropic error."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        obj = None
+    message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "")
+    if isinstance(obj, dict) and obj.get("error") == "insufficient_scope":
+        return ProxyError("The GitLab token lacks the needed scope (%s). Create a token with "
+                          "scope api." % message, 403, retry=False)
+    template = TOKEN_ERROR_HINTS.get(status)
+    if template is None:
+        return ProxyError("GitLab's token exchange failed with %d (%s); check GITLAB_INSTANCE_URL."
+                          % (status, message), 502)
+    headers = {"retry-after": str(int(retry_after + 0.999))} if retry_after is not None else None
+    return ProxyError(template % message, status, headers, retry=status in (429, 503))
+
+
+# === Token cache ===
+
+GatewayToken = collections.namedtuple("GatewayToken", "token headers expires_at valid_until")
+
+
+def gateway_token_from(payload, now):
+    """A GatewayToken from GitLab's direct_access answer, cached until shortly before expiry."""
+    token = payload.get("token") if isinstance(payload, dict) else None
+    if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]+$", token):
+        raise UpstreamUnreachable("GitLab's token exchange answered without a usable token; "
+                                  "check that GITLAB_INSTANCE_URL is your GitLab instance")
+    try:
+        headers = clean_exchange_headers(payload.get("headers") or {})
+    except ValueError as exc:
+        raise UpstreamUnreachable("GitLab's token exchange returned headers the proxy cannot "
+                                  "replay (%s); please report this" % exc) from None
+    expires_at = payload.get("expires_at")
+    if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and expires_at > now:
+        valid_until = max(now + (expires_at - now) / 2, expires_at - TOKEN_MARGIN)
+    else:
+        expires_at, valid_until = None, now + TOKEN_FALLBACK_TTL
+    return GatewayToken(token, headers, expires_at, valid_until)
+
+
+class _Flight:
+    """One token exchange in progress; everyone who needs a token meanwhile waits for it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.token = None
+        self.error = None
+
+
+class TokenCache:
+    """A gateway token shared by all requests: fetched once, refreshed before expiry.
+
+    Single-flight: however many requests find the cache cold, one exchange runs and all
+    of them get its result. Failures are never cached.
+    """
+
+    def __init__(self, exchange, clock=time.time, wait_timeout=120.0):
+        self._exchange = exchange
+        self._clock = clock
+        self._wait_timeout = wait_timeout
+        self._lock = threading.Lock()
+        self._token = None
+        self._flight = None
+        self.exchanges = 0
+
+    def get(self):
+        with self._lock:
+            token = self._token
+            if token is not None and self._clock() < token.valid_until:
+                return token
+            flight, leader = self._flight, self._flight is None
+            if leader:
+                flight = self._flight = _Flight()
+                self.exchanges += 1
+        if leader:
+            self._fly(flight)
+        if not flight.done.wait(self._wait_timeout):
+            raise UpstreamTimeout("the GitLab token exchange is taking too long; retry shortly")
+        if flight.error is not None:
+            raise flight.error
+        return flight.token
+
+    def _fly(self, flight):
+        try:
+            flight.token = gateway_token_from(self._exchange(), self._clock())
+        except ProxyError as exc:
+            flight.error = exc
+        except Exception as exc:  # the waiters must never hang on an unexpected failure
+            log.error("token exchange failed unexpectedly: %s", type(exc).__name__)
+            flight.error = ProxyError("the GitLab token exchange failed unexpectedly (%s)"
+                                      % type(exc).__name__, 502)
+        with self._lock:
+            if flight.token is not None:
+                self._token = flight.token
+            self._flight = None
+        flight.done.set()
+
+    def invalidate(self, token):
+        """Forget token (once: concurrent 401s for the same token cause one new exchange)."""
+        with self._lock:
+            if self._token is token:
+                self._token = None
+
+    def state(self):
+        with self._lock:
+            token = self._token
+        now = self._clock()
+        if token is None:
+            return {"state": "not yet fetched", "exchanges": self.exchanges}
+        if now >= token.valid_until:
+            return {"state": "expired", "exchanges": self.exchanges}
+        left = (token.expires_at or token.valid_until) - now
+        return {"state": "valid", "expires_in": int(left), "refresh_in": int(token.valid_until - now),
+                "exchanges": self.exchanges}
+
+
+class CredentialSource:
+    """The user's GitLab token: a value, a file, or a command's output."""
+
+    def __init__(self, config, runner=subprocess.run):
+        self._config = config
+        self._runner = runner
+        self._lock = threading.Lock()
+        self._value = config.gitlab_token or None
+
+    @property
+    def refreshable(self):
+        return bool(self._config.gitlab_token_file or self._config.gitlab_token_command)
+
+    def get(self):
+        with self._lock:
+            if self._value is None:
+                self._value = self._load()
+            return self._value
+
+    def refresh(self):
+        """Read the token again after GitLab rejected it; True if it changed."""
+        if not self.refreshable:
+            return False
+        with self._lock:
+            old, self._value = self._value, self._load()
+            return self._value != old
+
+    def _load(self):
+        config = self._config
+        if config.gitlab_token:
+            return config.gitlab_token
+        if config.gitlab_token_file:
+            return self._from_file(config.gitlab_token_file)
+        return self._from_command(config.gitlab_token_command)
+
+    @staticmethod
+    def _from_file(path):
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as fh:
+                token = first_line(fh.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Unauthorized("cannot read GITLAB_TOKEN_FILE %s: %s" % (path, exc.__class__.__name__)) from None
+        if not token:
+            raise Unauthorized("GITLAB_TOKEN_FILE %s is empty" % path)
+        return token
+
+    def _from_command(self, command):
+        try:
+            done = self._runner(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                timeout=60, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise Unauthorized("GITLAB_TOKEN_COMMAND could not run (%s); run it yourself to see why"
+                               % exc.__class__.__name__) from None
+        token = first_line(done.stdout.decode("utf-8", "replace"))
+        if done.returncode != 0 or not token:
+            # Its output may hold the secret, so it is never shown.
+            raise Unauthorized("GITLAB_TOKEN_COMMAND failed (exit status %d%s); run it yourself "
+                               "to see why" % (done.returncode, "" if token else ", no output"))
+        return token
+
+
+def first_line(text):
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+# === Upstream client ===
+
+class Endpoint(collections.namedtuple("Endpoint", "scheme host port path")):
+    """Where a base URL points: scheme, host, port and path prefix."""
+
+    @classmethod
+    def parse(cls, url):
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+    @property
+    def origin(self):
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return "%s://%s%s" % (self.scheme, host, "" if self.port == default else ":%d" % self.port)
+
+
+def client_ssl_context(ca_bundle=""):
+    """TLS settings for GitLab and the gateway; SSL_CERT_FILE is honoured by OpenSSL itself."""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        try:
+            context.load_verify_locations(cafile=os.path.expanduser(ca_bundle))
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError("GITLAB_CA_BUNDLE %s cannot be loaded: %s" % (ca_bundle, exc)) from None
+    return context
+
+
+def describe_network_error(exc, endpoint):
+    """A short reason for a failed connection, with what to check."""
+    where = endpoint.origin
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ("the TLS certificate of %s is not trusted (%s); if your instance uses an internal "
+                "CA, set GITLAB_CA_BUNDLE to its PEM file" % (where, exc.verify_message))
+    if isinstance(exc, ssl.SSLError):
+        return "TLS with %s failed (%s)" % (where, exc.reason or exc)
+    if isinstance(exc, socket.gaierror):
+        return "the name %s does not resolve (check the URL, DNS or HTTPS_PROXY)" % endpoint.host
+    if isinstance(exc, ConnectionRefusedError):
+        return "%s refused the connection (is it running? check the URL and port)" % where
+    if isinstance(exc, socket.timeout):
+        return "%s did not answer in time" % where
+    if isinstance(exc, http.client.HTTPException):
+        return "%s sent a broken HTTP answer (%s)" % (where, exc.__class__.__name__)
+    return "%s: %s" % (where, getattr(exc, "strerror", None) or exc.__class__.__name__)
+
+
+class ConnectionPool:
+    """Keeps upstream connections open between requests (per host, bounded, thread-safe),
+    so a session pays TCP and TLS set-up a handful of times, not once per call."""
+
+    def __init__(self, config, max_idle=16, idle_ttl=50.0, clock=time.monotonic):
+        self._config = config
+        self._ssl = client_ssl_context(config.ca_bundle)
+        self._max_idle = max_idle
+        self._idle_ttl = idle_ttl
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._idle = {}
+        self.opened = collections.Counter()
+
+    def _proxy_for(self, endpoint):
+        url = self._config.https_proxy if endpoint.scheme == "https" else self._config.http_proxy
+        if not url or proxy_bypassed(endpoint.host, endpoint.port, self._config.no_proxy):
+            return None
+        parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
+        headers = {}
+        if parts.username:
+            userinfo = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
+            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
+        return parts.hostname, parts.port or 8080, headers
+
+    def _connect(self, endpoint):
+        proxy = self._proxy_for(endpoint)
+        host, port = (proxy[0], proxy[1]) if proxy else (endpoint.host, endpoint.port)
+        timeout = self._config.connect_timeout
+        if endpoint.scheme == "https":
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        if proxy:
+            conn.set_tunnel(endpoint.host, endpoint.port, proxy[2])
+        conn.connect()
+        with self._lock:
+            self.opened[endpoint.origin] += 1
+        return conn
+
+    def _take_idle(self, endpoint):
+        now = self._clock()
+        with self._lock:
+            idle = self._idle.get(endpoint.origin, [])
+            while idle:
+                conn, since = idle.pop()
+                if now - since < self._idle_ttl and connection_alive(conn):
+                    return conn
+                conn.close()
+        return None
+
+    def release(self, endpoint, conn):
+        """Put a connection whose last answer was read to the end back for reuse."""
+        if conn.sock is None:
+            return
+        with self._lock:
+            idle = self._idle.setdefault(endpoint.origin, [])
+            if len(idle) < self._max_idle:
+                idle.append((conn, self._clock()))
+                return
+        conn.close()
+
+    def send(self, endpoint, method, path, body, headers, timeout):
+        """(connection, response headers read); a dead pooled connection is replaced once."""
+        for attempt in (0, 1):
+            conn = self._take_idle(endpoint) if attempt == 0 else None
+            reused = conn is not None
+            conn = conn or self._connect(endpoint)
+            conn.sock.settimeout(timeout)
+            try:
+                conn.request(method, path, body, headers)
+                return conn, conn.getresponse()
+            except (ConnectionError, http.client.BadStatusLine) as exc:
+                conn.close()
+                # A kept-alive connection the server closed meanwhile: nothing was processed.
+                if not reused:
+                    raise
+                log.debug("pooled connection to %s was dead (%s); reconnecting",
+                          endpoint.origin, exc.__class__.__name__)
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for conn, _ in conns:
+                conn.close()
+
+
+def connection_alive(conn):
+    """False when the server has closed an idle kept-alive connection."""
+    sock = conn.sock
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select_readable(sock)
+        if not readable:
+            return True
+        # Readable while idle means closed, unless TLS has a post-handshake message waiting.
+        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK)) and isinstance(sock, ssl.SSLSocket)
+    except (OSError, ValueError):
+        return False
+
+
+def select_readable(sock):
+    import select
+    return select.select([sock], [], [], 0)
+
+
+class Reply:
+    """An upstream answer whose headers have arrived; owns the connection until finished."""
+
+    def __init__(self, pool, endpoint, conn, resp):
+        self.pool, self.endpoint, self.conn, self.resp = pool, endpoint, conn, resp
+        self.status = resp.status
+        self.headers = resp.headers
+        self.request_id = clean_request_id(resp.headers.get("x-request-id"))
+        self.content_type = resp.headers.get("content-type", "application/json")
+        self.is_stream = self.content_type.lower().startswith("text/event-stream")
+        self._done = False
+
+    def read_all(self):
+        try:
+            data = self.resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self.close()
+            raise UpstreamUnreachable("the gateway's answer broke off: %s"
+                                      % describe_network_error(exc, self.endpoint)) from None
+        self.finish()
+        return data
+
+    def read1(self):
+        return self.resp.read1(65536)
+
+    def set_timeout(self, seconds):
+        if self.conn.sock is not None:
+            self.conn.sock.settimeout(seconds)
+
+    def finish(self):
+        """Return the connection to the pool if the answer was read whole, else close it."""
+        if self._done:
+            return
+        self._done = True
+        if self.resp.isclosed() and not self.resp.will_close:
+            self.pool.release(self.endpoint, self.conn)
+        else:
+            self.conn.close()
+
+    def close(self):
+        if not self._done:
+            self._done = True
+            self.conn.close()
+
+
+def clean_request_id(value):
+    if not value:
+        return None
+    value = re.sub(r"[^A-Za-z0-9_.:-]", "", value)[:128]
+    return value or None
+
+
+class Upstream:
+    """Calls GitLab (token exchange) and the AI gateway, with retries and one
+    token refresh per request."""
+
+    def __init__(self, config, pool, stopping, rng=random.random):
+        self.config = config
+        self.pool = pool
+        self.stopping = stopping
+        self.rng = rng
+        self.gitlab = Endpoint.parse(config.instance_url)
+        self.gateway = Endpoint.parse(config.gateway_base)
+
+    def exchange(self, credentials):
+        """GitLab's direct_access answer for the user's token; one re-read of a token file
+        or command when GitLab says the token is invalid."""
+        try:
+            return self._exchange_once(credentials.get())
+        except ProxyError as exc:
+            if exc.status != 401 or not credentials.refresh():
+                raise
+            log.info("GitLab rejected the token; using the token read again from %s",
+                     self.config.token_source or "its source")
+            return self._exchange_once(credentials.get())
+
+    def _exchange_once(self, gitlab_token):
+        headers = {"Authorization": "Bearer " + gitlab_token, "Content-Type": "application/json",
+                   "Accept": "application/json", "User-Agent": USER_AGENT,
+                   "Content-Length": str(len(DIRECT_ACCESS_BODY))}
+        path = self.gitlab.path + DIRECT_ACCESS_PATH
+        where = self.gitlab.origin
+        try:
+            conn, resp = self.pool.send(self.gitlab, "POST", path, DIRECT_ACCESS_BODY, headers,
+                                        self.config.token_timeout)
+            reply = Reply(self.pool, self.gitlab, conn, resp)
+            raw = reply.read_all()
+        except socket.timeout:
+            raise ProxyError("GitLab at %s did not answer the token exchange within %g s; it may be "
+                             "down or slow, retry shortly" % (where, self.config.token_timeout), 503) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise UpstreamUnreachable("cannot reach GitLab for the token exchange: %s"
+                                      % describe_network_error(exc, self.gitlab)) from None
+        if not 200 <= reply.status < 300:
+            raise translate_token_error(reply.status, raw, retry_after_seconds(reply.headers))
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except ValueError:
+            raise UpstreamUnreachable("GitLab's token exchange at %s did not answer JSON; check "
+                                      "GITLAB_INSTANCE_URL" % where) from None
+
+    def call(self, tokens, api, path, body, client_headers, ctx):
+        """POST to the gateway; a Reply with any status, after retries and one refresh."""
+        full_path = self.gateway.path + (ANTHROPIC_PROXY if api == "anthropic" else OPENAI_PROXY) + path
+        deadline = time.monotonic() + self.config.retry_max_seconds
+        attempt, refreshed = 0, False
+        while True:
+            token = tokens.get()
+            outcome = self._attempt(token, api, full_path, body, client_headers, ctx)
+            if isinstance(outcome, Reply) and outcome.status == 401 and not refreshed:
+                outcome.read_all()
+                tokens.invalidate(token)
+                refreshed = ctx.refreshed = True
+                log.info("gateway rejected the token (401); exchanging a new one and replaying")
+                continue
+            if isinstance(outcome, Reply) and outcome.status not in GATEWAY_RETRY_STATUSES:
+                return outcome
+            wait = self._retry_wait(attempt, outcome, deadline)
+            if wait is None:
+                if isinstance(outcome, Reply):
+                    return outcome
+                outcome.retry = True
+                outcome.headers["retry-after"] = "%d" % max(1, round(self.config.retry_base_delay * 2))
+                raise outcome
+            log.info("gateway %s; retry %d in %.2fs", retry_reason(outcome), attempt + 1, wait)
+            if isinstance(outcome, Reply):
+                outcome.read_all()
+            if self.stopping.wait(wait):
+                raise ProxyError("the proxy is shutting down", 503, retry=True)
+            attempt += 1
+
+    def _attempt(self, token, api, full_path, body, client_headers, ctx):
+        headers = gateway_headers(client_headers, token.headers, token.token, len(body), api)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("gateway request POST %s headers %s", full_path, redact_headers(headers.items()))
+        started = time.monotonic()
+        try:
+            conn, resp = self.pool.send(self.gateway, "POST", full_path, body, headers,
+                                        self.config.read_timeout)
+        except socket.timeout:
+            return UpstreamTimeout("GitLab's AI gateway did not answer within %g s (READ_TIMEOUT)"
+                                   % self.config.read_timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            return UpstreamUnreachable("cannot reach GitLab's AI gateway: %s"
+                                       % describe_network_error(exc, self.gateway))
+        ctx.upstream_ms = (time.monotonic() - started) * 1000
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("gateway answered %d headers %s", resp.status, redact_headers(resp.headers.items()))
+        return Reply(self.pool, self.gateway, conn, resp)
+
+    def _retry_wait(self, attempt, outcome, deadline):
+        """Seconds to wait before the next attempt, or None to give up now."""
+        if attempt >= self.config.retries:
+            return None
+        hinted = retry_after_seconds(outcome.headers) if isinstance(outcome, Reply) else None
+        wait = hinted if hinted is not None else backoff_delay(
+            attempt, self.config.retry_base_delay, rng=self.rng)
+        if time.monotonic() + wait > deadline:
+            return None
+        return wait
+
+
+def retry_reason(outcome):
+    if isinstance(outcome, Reply):
+        return "answered %d" % outcome.status
+    return "failed (%s)" % outcome.message
+
+
+# === Relay ===
+
+class SseProtocol(collections.namedtuple("SseProtocol", "end_markers error_frame usage_scan")):
+    """What a complete stream of one API looks like and how to report a broken one."""
+
+
+def anthropic_error_frame(error_type, message):
+    data = json.dumps({"type": "error", "error": {"type": error_type, "message": message}})
+    return ("event: error\ndata: %s\n\n" % data).encode()
+
+
+def scan_anthropic_usage(data, usage):
+    """Token counts from the message_start/message_delta frames in data (others untouched)."""
+    if b"message_start" not in data and b"message_delta" not in data:
+        return
+    for frame in data.split(b"\n\n"):
+        if b"message_start" in frame or b"message_delta" in frame:
+            payload = sse_data(frame)
+            if isinstance(payload, dict):
+                message = payload.get("message")
+                merge_usage(usage, (message if isinstance(message, dict) else payload).get("usage"))
+
+
+def sse_data(frame):
+    lines = [line[5:].lstrip() for line in frame.splitlines() if line.startswith(b"data:")]
+    try:
+        return json.loads(b"\n".join(lines).decode("utf-8")) if lines else None
+    except ValueError:
+        return None
+
+
+USAGE_KEYS = {"input_tokens": "input", "output_tokens": "output", "cache_read_input_tokens": "cache_read",
+              "cache_creation_input_tokens": "cache_creation", "prompt_tokens": "input",
+              "completion_tokens": "output"}
+
+
+def merge_usage(usage, reported):
+    if not isinstance(reported, dict):
+        return
+    for key, name in USAGE_KEYS.items():
+        value = reported.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            usage[name] = value
+    details = reported.get("prompt_tokens_details") or reported.get("input_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        usage["cache_read"] = details["cached_tokens"]
+
+
+ANTHROPIC_SSE = SseProtocol((b"event: message_stop", b"event: error"), anthropic_error_frame,
+                            scan_anthropic_usage)
+
+
+def event_boundary(buf):
+    """End of the last complete SSE event in buf (0 if none is complete)."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+class StreamWriter:
+    """Writes to the client at once: chunked for HTTP/1.1, raw bytes until close otherwise."""
+
+    def __init__(self, wfile, chunked):
+        self.wfile = wfile
+        self.chunked = chunked
+        self.sent = 0
+
+    def write(self, data):
+        try:
+            self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n" if self.chunked else data)
+        except OSError as exc:
+            raise ClientGone(exc.__class__.__name__) from None
+        self.sent += len(data)
+
+    def close(self):
+        if self.chunked:
+            try:
+                self.wfile.write(b"0\r\n\r\n")
+            except OSError as exc:
+                raise ClientGone(exc.__class__.__name__) from None
+
+
+class StreamRelay:
+    """Relays an upstream event stream as it arrives, whole events at a time.
+
+    Bytes pass through untouched. Only a trailing partial event waits for its end (no
+    client can act on half an event), so a broken upstream never leaves a torn frame
+    in front of the error frame the client then receives.
+    """
+
+    def __init__(self, reply, writer, protocol, config, usage, watch):
+        self.reply, self.writer, self.protocol = reply, writer, protocol
+        self.config, self.usage, self.watch = config, usage, watch
+        self.ended = False
+
+    def run(self):
+        """Relay to the end; returns None, or why the stream was cut."""
+        self.reply.set_timeout(self.config.stream_idle_timeout)
+        deadline = time.monotonic() + self.config.stream_max_seconds
+        pending = b""
+        while True:
+            try:
+                data = self.reply.read1()
+            except socket.timeout:
+                return "GitLab's AI gateway sent nothing for %g s (STREAM_IDLE_TIMEOUT)" % (
+                    self.config.stream_idle_timeout)
+            except (OSError, http.client.HTTPException) as exc:
+                self._check_client()
+                return "the connection to GitLab's AI gateway broke mid-stream (%s)" % (
+                    exc.__class__.__name__)
+            self._check_client()
+            if not data:
+                break
+            buf = pending + data if pending else data
+            cut = event_boundary(buf)
+            if cut:
+                self._emit(buf[:cut] if cut < len(buf) else buf)
+            pending = buf[cut:]
+            if time.monotonic() > deadline:
+                return "the stream lasted longer than %g s (STREAM_MAX_SECONDS)" % (
+                    self.config.stream_max_seconds)
+        if pending:
+            self._emit(pending)
+        if not self.ended:
+            return "GitLab's AI gateway ended the stream before it was complete"
+        return None
+
+    def _check_client(self):
+        if self.watch.gone:
+            raise ClientGone("closed during the stream")
+
+    def _emit(self, data):
+        self.writer.write(data)
+        if not self.ended and any(m in data for m in self.protocol.end_markers):
+            self.ended = True
+        self.protocol.usage_scan(data, self.usage)
+
+    def fail(self, reason):
+        frame = self.protocol.error_frame("api_error", reason + "; retry the request.")
+        self.writer.write(frame)
+
+
+class _Watch:
+    """One client socket under watch while its stream runs."""
+
+    __slots__ = ("sock", "lock", "target", "gone", "removed")
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.target = None
+        self.gone = False
+        self.removed = threading.Event()
+
+    def bind(self, conn):
+        """The upstream connection to cut when the client leaves (None: nothing to cut)."""
+        with self.lock:
+            self.target = conn
+            if self.gone:
+                abort_connection(conn)
+
+    def fire(self):
+        with self.lock:
+            self.gone = True
+            abort_connection(self.target)
+
+
+def abort_connection(conn):
+    """Make a blocked read on conn return at once."""
+    sock = getattr(conn, "sock", None)
+    if sock is None:
+        return
+    try:
+        # The plain-socket method: SSLSocket.shutdown would also drop its TLS state
+        # under the reading thread's feet.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by its owner: nothing left to interrupt
+
+
+class DisconnectWatcher:
+    """One thread for the whole server that notices clients hanging up mid-stream and
+    cuts their upstream connection, even while the upstream is silent."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._ops = []
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._thread = None
+        self._closed = False
+
+    def watch(self, sock):
+        watch = _Watch(sock)
+        self._submit("add", watch)
+        return watch
+
+    def unwatch(self, watch):
+        with watch.lock:
+            watch.target = None
+        if self._submit("remove", watch):
+            watch.removed.wait(5.0)
+
+    def _submit(self, op, watch):
+        with self._lock:
+            if self._closed:
+                return False
+            self._ops.append((op, watch))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
+                self._thread.start()
+        self._wake_w.send(b"\0")
+        return True
+
+    def _run(self):
+        while True:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    if not self._apply_ops():
+                        return
+                else:
+                    self._check(key.data)
+
+    def _apply_ops(self):
+        try:
+            self._wake_r.recv(4096)
+        except BlockingIOError:
+            pass  # several wake-ups were read at once
+        with self._lock:
+            ops, self._ops = self._ops, []
+            closed = self._closed
+        for op, watch in ops:
+            if op == "add":
+                self._selector.register(watch.sock, selectors.EVENT_READ, watch)
+            else:
+                self._forget(watch)
+                watch.removed.set()
+        return not closed
+
+    def _forget(self, watch):
+        try:
+            self._selector.unregister(watch.sock)
+        except (KeyError, ValueError):
+            pass  # already dropped when the client hung up
+
+    def _check(self, watch):
+        if peer_closed(watch.sock):
+            watch.fire()
+        # Either way the socket is of no more interest: gone, or sending a next request.
+        self._forget(watch)
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+            running = self._thread is not None
+        if running:
+            self._wake_w.send(b"\0")
+            self._thread.join(2.0)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+def peer_closed(sock):
+    """True if a readable client socket means the client hung up (EOF, reset, TLS alert)."""
+    try:
+        first = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    return first == b"" or (isinstance(sock, ssl.SSLSocket) and first == b"\x15")
+
+
+# === Request handler ===
+
+class RequestContext:
+    """What one request did, for its log line and the statistics."""
+
+    __slots__ = ("method", "path", "route", "model", "status", "stream", "usage", "request_id",
+                 "started", "upstream_ms", "refreshed", "head_sent", "body_read", "outcome")
+
+    def __init__(self, method):
+        self.method = method
+        self.path = self.route = self.model = self.status = self.request_id = None
+        self.stream = self.refreshed = self.head_sent = self.body_read = False
+        self.usage = {}
+        self.started = time.monotonic()
+        self.upstream_ms = None
+        self.outcome = ""
+
+    def ensure_request_id(self):
+        if not self.request_id:
+            self.request_id = "req_proxy_" + uuid.uuid4().hex[:24]
+        return self.request_id
+
+
+ROUTES = {
+    "/": {"GET": "status", "HEAD": "status"},
+    "/v1/messages": {"POST": "messages"},
+    "/v1/messages/count_tokens": {"POST": "count_tokens"},
+    "/v1/models": {"GET": "list_models"},
+    "/v1/chat/completions": {"POST": "chat_completions"},
+    "/v1/responses": {"POST": "responses"},
+    "/stats": {"GET": "stats"},
+}
+PREFIX_ROUTES = (("/v1/models/", {"GET": "get_model"}),)
+OPEN_ROUTES = frozenset(("status",))
+HTTP_ERROR_TEXT = {
+    400: "malformed HTTP request", 408: "the request took too long to arrive",
+    414: "the request URL is too long (limit 64 KiB)",
+    431: "the request headers are too many or too long", 505: "HTTP version not supported",
+}
+
+
+def find_route(path):
+    methods = ROUTES.get(path)
+    if methods is not None:
+        return methods
+    for prefix, prefixed in PREFIX_ROUTES:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return prefixed
+    return None
+
+
+class ProxyHandler(http.server.BaseHTTPRequestHandler):
+    """One client connection (HTTP/1.1 keep-alive); do_* dispatch through ROUTES."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "%s/%s" % (NAME, __version__)
+    sys_version = ""
+    disable_nagle_algorithm = True  # with Nagle, a small answer can wait 40 ms for an ACK
+
+    def setup(self):
+        self.timeout = self.server.config.client_timeout
+        self.ctx = RequestContext("")
+        tls = self.server.tls_context
+        if tls is not None:
+            self.request.settimeout(self.timeout)
+            self.request = self.connection = tls.wrap_socket(self.request, server_side=True)
+        super().setup()
+
+    def finish(self):
+        try:
+            super().finish()
+        finally:
+            linger_close(self.connection)
+
+    def do_GET(self):
+        self.dispatch()
+
+    do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def dispatch(self):
+        self.ctx = ctx = RequestContext(self.command)
+        server = self.server
+        with server.inflight:
+            try:
+                self.route()
+            except ProxyError as exc:
+                self.send_error_response(exc)
+            except ClientGone as exc:
+                self.client_gone(str(exc))
+            except (ConnectionError, socket.timeout) as exc:
+                self.client_gone(exc.__class__.__name__)
+            except Exception:
+                log.error("internal error on %s %s: %s", self.command, safe_for_log(ctx.path),
+                          server.redact(traceback_text()))
+                self.send_error_response(ProxyError("internal proxy error (request %s); see the "
+                                                    "proxy's log" % ctx.ensure_request_id(), 500))
+            server.stats.record(ctx)
+            self.log_request_line()
+        if server.stopping.is_set():
+            self.close_connection = True
+
+    def route(self):
+        ctx = self.ctx
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s %s headers %s", self.command, safe_for_log(self.path),
+                      redact_headers(self.headers.items()))
+        ctx.path, query = split_target(self.path)
+        methods = find_route(ctx.path)
+        if methods is None:
+            raise NotFound("no such route: %s %s. This proxy serves POST /v1/messages, "
+                           "/v1/messages/count_tokens, /v1/chat/completions, /v1/responses and "
+                           "GET /v1/models" % (self.command, safe_for_log(ctx.path)))
+        if self.command == "OPTIONS" and self.server.cors_origin(self.headers.get("Origin")):
+            return self.respond(204, b"", [("Access-Control-Max-Age", "600")])
+        name = methods.get(self.command)
+        if name is None:
+            raise MethodNotAllowed("%s is not allowed on %s; use %s" % (
+                safe_for_log(self.command), ctx.path, " or ".join(sorted(methods))),
+                headers={"Allow": ", ".join(sorted(methods))})
+        ctx.route = name
+        if name not in OPEN_ROUTES:
+            self.authorize()
+        getattr(self, "route_" + name)(query)
+
+    # --- authentication
+
+    def presented_key(self):
+        key = self.headers.get("x-api-key")
+        if key:
+            return key.strip()
+        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
+        return value.strip() if scheme.lower() == "bearer" else ""
+
+    def authorize(self):
+        config = self.server.config
+        key = self.presented_key()
+        if config.per_user:
+            if not key:
+                raise Unauthorized("team mode: send your own GitLab token as the API key "
+                                   "(x-api-key or Authorization: Bearer)")
+            self.user_token = key
+        elif config.api_key and not hmac.compare_digest(key.encode("latin-1", "replace"),
+                                                         self.server.api_key_bytes):
+            raise Unauthorized("missing or wrong proxy API key: send PROXY_API_KEY as x-api-key "
+                               "or Authorization: Bearer")
+
+    def token_cache(self):
+        if self.server.config.per_user:
+            return self.server.user_tokens.get(self.user_token)
+        return self.server.tokens
+
+    # --- request bodies
+
+    def read_body(self):
+        self.ctx.body_read = True
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding:
+            self.close_connection = True  # framing we did not choose: never reuse
+            if encoding.strip().lower() != "chunked":
+                raise BadRequest("Transfer-Encoding %r is not supported; send Content-Length or "
+                                 "chunked" % safe_for_log(encoding))
+            return self.read_chunked(self.server.config.max_body)
+        lengths = header_values(self.headers, "Content-Length")
+        if not lengths:
+            raise LengthRequired("a request body needs a Content-Length header (or chunked "
+                                 "transfer encoding)")
+        if len(set(lengths)) > 1 or not lengths[0].strip().isdigit():
+            self.close_connection = True
+            raise BadRequest("invalid Content-Length header")
+        length = int(lengths[0])
+        self.check_size(length)
+        data = self.rfile.read(length)
+        if len(data) < length:
+            raise ClientGone("body ended %d bytes early" % (length - len(data)))
+        return data
+
+    def check_size(self, length):
+        limit = self.server.config.max_body
+        if length > limit:
+            self.close_connection = True
+            raise PayloadTooLarge("request body of %d bytes is over the proxy's limit of %d bytes "
+                                  "(MAX_REQUEST_BYTES); shorten the conversation or raise the "
+                                  "limit" % (length, limit))
+
+    def read_chunked(self, limit):
+        parts, total = [], 0
+        while True:
+            line = self.rfile.readline(1026)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise BadRequest("malformed chunked request body") from None
+            if size == 0:
+                break
+            total += size
+            self.check_size(total)
+            chunk = self.rfile.read(size)
+            if len(chunk) < size or self.rfile.read(2) != b"\r\n":
+                raise BadRequest("malformed or truncated chunked request body")
+            parts.append(chunk)
+        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+            pass  # trailer fields carry nothing we use
+        return b"".join(parts)
+
+    def request_json(self, api):
+        """The body with its model resolved; (raw bytes to send, JsonBody)."""
+        raw = self.read_body()
+        body = JsonBody(raw)
+        catalog, ctx = self.server.catalog, self.ctx
+        model = body.get("model")
+        ctx.stream = body.get("stream") is True
+        if model is None or isinstance(model, str):
+            resolved = catalog.resolve(model or "")
+            if resolved != model:
+                raw = body.with_value("model", resolved)
+            ctx.model = resolved
+        return raw, body
+
+    # --- routes
+
+    def route_status(self, query):
+        self.respond_json(200, self.server.status())
+
+    def route_list_models(self, query):
+        limit, after_id, before_id = parse_page_args(query)
+        # Anthropic clients can only use Claude models; OpenAI clients see everything.
+        provider = "anthropic" if self.headers.get("anthropic-version") else None
+        models, has_more = self.server.catalog.page(limit, after_id, before_id, provider)
+        self.respond_json(200, models_list_body(models, has_more))
+
+    def route_get_model(self, query):
+        name = urllib.parse.unquote(self.ctx.path[len("/v1/models/"):])
+        catalog = self.server.catalog
+        model = catalog.by_id.get(catalog.resolve(name))
+        if model is None:
+            raise NotFound("model %r is not in this proxy's catalog; GET /v1/models lists them "
+                           "(MODELS changes the list)" % safe_for_log(name))
+        self.respond_json(200, model_entry(model))
+
+    def route_messages(self, query):
+        path = "/v1/messages?beta=true" if query.get("beta") == "true" else "/v1/messages"
+        self.forward_anthropic(path)
+
+    def route_count_tokens(self, query):
+        # The gateway serves count_tokens only with ?beta=true, whatever the client sent.
+        self.forward_anthropic("/v1/messages/count_tokens?beta=true")
+
+    def forward_anthropic(self, path):
+        raw, _ = self.request_json("anthropic")
+        model = self.ctx.model
+        if model and self.server.catalog.provider(model) == "openai":
+            raise BadRequest("%s is an OpenAI model; call it through POST /v1/chat/completions "
+                             "or /v1/responses" % model)
+        reply = self.server.upstream.call(self.token_cache(), "anthropic", path, raw,
+                                          self.headers, self.ctx)
+        self.relay_reply(reply, ANTHROPIC_SSE)
+
+    # --- answers from upstream
+
+    def relay_reply(self, reply, protocol):
+        try:
+            self.ctx.request_id = reply.request_id or self.ctx.request_id
+            if reply.status >= 400:
+                raise self.upstream_error(reply)
+            headers = response_headers_for_client(reply.headers)
+            if reply.is_stream:
+                self.relay_stream(reply, protocol, headers)
+            else:
+                data = reply.read_all()
+                self.note_usage(data)
+                self.respond(reply.status, data, headers)
+        finally:
+            reply.close()
+
+    def upstream_error(self, reply):
+        raw = reply.read_all()
+        catalog = self.server.catalog
+        error = translate_gateway_error(reply.status, raw, self.ctx.model, catalog.ids("anthropic"))
+        headers = {}
+        if reply.status in GATEWAY_RETRY_STATUSES or reply.status >= 500:
+            hinted = retry_after_seconds(reply.headers)
+            headers = {"x-should-retry": "true", "retry-after": str(int(hinted + 0.999) if hinted else 1)}
+        if error is None:
+            return PassThrough(reply.status, raw, headers)
+        error.headers.update(headers)
+        return error
+
+    def note_usage(self, data):
+        if b'"usage"' in data:
+            try:
+                merge_usage(self.ctx.usage, json.loads(data.decode("utf-8")).get("usage"))
+            except (ValueError, AttributeError):
+                pass  # not a JSON object: nothing to count
+
+    def relay_stream(self, reply, protocol, headers):
+        ctx = self.ctx
+        ctx.stream = True
+        chunked = self.request_version != "HTTP/1.0"
+        if not chunked:
+            self.close_connection = True
+        extra = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+        extra += [("Transfer-Encoding", "chunked")] if chunked else []
+        self.wfile.write(self.head_bytes(reply.status, headers + extra))
+        writer = StreamWriter(self.wfile, chunked)
+        watch = self.server.watcher.watch(self.connection)
+        relay = StreamRelay(reply, writer, protocol, self.server.config, ctx.usage, watch)
+        try:
+            watch.bind(reply.conn)
+            failure = relay.run()
+            if failure:
+                ctx.outcome = "cut: " + failure
+                log.warning("stream %s cut: %s", ctx.ensure_request_id(), failure)
+                reply.close()
+                relay.fail(failure)
+            else:
+                reply.finish()
+            writer.close()
+        finally:
+            self.server.watcher.unwatch(watch)
+
+    # --- writing answers
+
+    def head_bytes(self, status, fields):
+        ctx = self.ctx
+        ctx.status, ctx.head_sent = status, True
+        lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, "Unknown")),
+                 "Date: " + email.utils.formatdate(usegmt=True), "Server: " + self.server_version,
+                 "request-id: " + ctx.ensure_request_id()]
+        lines.extend("%s: %s" % (k, clean_header_value(v)) for k, v in fields)
+        headers = getattr(self, "headers", None)  # absent when the request line was unreadable
+        origin = self.server.cors_origin(headers.get("Origin") if headers else None)
+        if origin:
+            lines.extend(cors_lines(origin))
+        if self.close_connection:
+            lines.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            lines.append("Connection: keep-alive")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def respond(self, status, body, headers=()):
+        """Headers and body in one write: two small writes could meet Nagle and delayed ACK."""
+        headers = list(headers)
+        if not any(k.lower() == "content-type" for k, _ in headers) and status != 204:
+            headers.append(("Content-Type", "application/json"))
+        headers.append(("Content-Length", str(len(body))))
+        head = self.head_bytes(status, headers)
+        self.wfile.write(head if self.command == "HEAD" else head + body)
+
+    def respond_json(self, status, obj, headers=()):
+        self.respond(status, json.dumps(obj).encode(), headers)
+
+    def send_error_response(self, exc):
+        if self.ctx.head_sent:
+            self.close_connection = True  # an answer is under way: nothing more can be said
+            return
+        if self.command in ("POST", "PUT", "PATCH") and not self.ctx.body_read:
+            self.close_connection = True  # its body is still unread on the socket
+        headers = list(exc.headers.items())
+        if exc.retry is not None:
+            headers.append(("x-should-retry", "true" if exc.retry else "false"))
+        self.ctx.outcome = self.ctx.outcome or exc.message
+        self.respond(exc.status, exc.body(), headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (bad request line, huge headers) as Anthropic JSON."""
+        self.close_connection = True
+        if code == 501:
+            code, text = 405, "method %s is not supported" % safe_for_log(self.command)
+        else:
+            text = HTTP_ERROR_TEXT.get(code, message or "error")
+        self.ctx = RequestContext(self.command or "")
+        self.ctx.path = safe_for_log(getattr(self, "path", "") or "-")
+        try:
+            self.send_error_response(ProxyError(text, code))
+        except OSError:
+            pass  # the client is gone already
+        self.log_request_line()
+
+    def client_gone(self, why):
+        self.close_connection = True
+        self.ctx.outcome = "client closed the connection (%s)" % why
+        if not self.ctx.status:
+            self.ctx.status = 499
+
+    # --- logging
+
+    def log_request_line(self):
+        ctx = self.ctx
+        ms = (time.monotonic() - ctx.started) * 1000
+        usage = ctx.usage
+        parts = ["%s %s" % (safe_for_log(ctx.method or "-"), safe_for_log(ctx.path or "-")),
+                 "status=%s" % (ctx.status or "-"), "%.0fms" % ms]
+        if ctx.model:
+            parts.insert(1, "model=%s" % safe_for_log(ctx.model))
+        if ctx.stream:
+            parts.append("stream")
+        if usage:
+            parts.append("in=%s out=%s" % (usage.get("input", "-"), usage.get("output", "-")))
+        if ctx.refreshed:
+            parts.append("token-refreshed")
+        if ctx.request_id:
+            parts.append("request-id=%s" % ctx.request_id)
+        if ctx.outcome:
+            parts.append("(%s)" % self.server.redact(ctx.outcome))
+        log.info(" ".join(parts))
+
+    def log_message(self, fmt, *args):
+        log.debug("http.server: " + fmt, *args)
+
+
+def linger_close(sock, seconds=0.25, limit=MIB):
+    """Close after reading what the client still sends, for a moment: closing with unread
+    input makes the kernel send a reset, which can destroy the answer before it is read."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_WR)
+        sock.settimeout(seconds)
+        deadline, drained = time.monotonic() + seconds, 0
+        while drained < limit and time.monotonic() < deadline:
+            data = socket.socket.recv(sock, 65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass  # reset, timeout or already closed: all mean there is nothing left to wait for
+    finally:
+        sock.close()
+
+
+def cors_lines(origin):
+    return ["Access-Control-Allow-Origin: " + clean_header_value(origin), "Vary: Origin",
+            "Access-Control-Allow-Methods: GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers: authorization, content-type, x-api-key, "
+            "anthropic-version, anthropic-beta",
+            "Access-Control-Expose-Headers: request-id"]
+
+
+def traceback_text():
+    import traceback
+    return traceback.format_exc()
+
+
+# === Server ===
+
+class InFlight:
+    """Counts requests being answered, so shutdown can wait for them."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.count = 0
+
+    def __enter__(self):
+        with self._cond:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self.count -= 1
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout):
+        with self._cond:
+            return self._cond.wait_for(lambda: self.count == 0, timeout)
+
+
+class Stats:
+    """Request, error and token counts per route and model, and upstream latencies."""
+
+    def __init__(self, clock=time.time):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.started = clock()
+        self.routes = collections.defaultdict(collections.Counter)
+        self.models = collections.defaultdict(collections.Counter)
+        self.latencies = collections.deque(maxlen=2000)
+
+    def record(self, ctx):
+        route = ctx.route or "other"
+        failed = (ctx.status or 500) >= 400
+        with self._lock:
+            self.routes[route]["requests"] += 1
+            self.routes[route]["errors"] += failed
+            if ctx.model:
+                counter = self.models[ctx.model]
+                counter["requests"] += 1
+                counter["errors"] += failed
+                counter.update({k: v for k, v in ctx.usage.items() if v})
+            if ctx.upstream_ms is not None:
+                self.latencies.append(ctx.upstream_ms)
+
+    def snapshot(self):
+        with self._lock:
+            latencies = sorted(self.latencies)
+            routes = {k: dict(v) for k, v in self.routes.items()}
+            models = {k: dict(v) for k, v in self.models.items()}
+        return {"uptime_seconds": int(self._clock() - self.started), "routes": routes,
+                "models": models, "upstream_latency_ms": percentiles(latencies)}
+
+
+def percentiles(values):
+    if not values:
+        return {"count": 0}
+    pick = lambda q: round(values[min(len(values) - 1, int(q * len(values)))], 1)  # noqa: E731
+    return {"count": len(values), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+class ProxyServer(http.server.ThreadingHTTPServer):
+    """The listening proxy: owns config, catalog, token cache, pool and statistics."""
+
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, config, clock=time.time, handler_class=ProxyHandler, runner=subprocess.run):
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        self.config = config
+        self.catalog = Catalog(build_catalog(config.models), config.default_model)
+        self.stopping = threading.Event()
+        self.pool = ConnectionPool(config)
+        self.upstream = Upstream(config, self.pool, self.stopping)
+        self.credentials = None if config.per_user else CredentialSource(config, runner)
+        self.tokens = None if config.per_user else TokenCache(
+            lambda: self.upstream.exchange(self.credentials), clock)
+        self.user_tokens = UserTokens(self.upstream, clock) if config.per_user else None
+        self.api_key_bytes = config.api_key.encode("utf-8")
+        self.tls_context = server_ssl_context(config)
+        self.watcher = DisconnectWatcher()
+        self.inflight = InFlight()
+        self.stats = Stats(clock)
+        self._cors = frozenset(o.strip() for o in config.cors_origins.split(",") if o.strip())
+        super().__init__((config.host, config.port), handler_class)
+
+    @property
+    def url(self):
+        host, port = self.server_address[:2]
+        host = "[%s]" % host if ":" in host else host
+        return "%s://%s:%d" % ("https" if self.tls_context else "http", host, port)
+
+    def cors_origin(self, origin):
+        if origin and ("*" in self._cors or origin in self._cors):
+            return origin
+        return None
+
+    def status(self):
+        config = self.config
+        if config.per_user:
+            token = {"state": "per-user", "cached_users": len(self.user_tokens)}
+        else:
+            token = self.tokens.state()
+        return {"name": NAME, "version": __version__, "status": "ok",
+                "gitlab_instance": config.instance_url, "ai_gateway": config.gateway_base,
+                "anthropic_base": config.gateway_base + ANTHROPIC_PROXY,
+                "default_model": self.catalog.default_model, "models": len(self.catalog.models),
+                "gateway_token": token}
+
+    def redact(self, text):
+        """text with every secret the proxy knows, and anything token-shaped, masked."""
+        secrets = list(self.config.secrets())
+        if self.tokens is not None and self.tokens._token is not None:
+            secrets.append(self.tokens._token.token)
+        for secret in secrets:
+            text = text.replace(secret, "[redacted]")
+        return redact_patterns(text)
+
+    def server_close(self):
+        super().server_close()
+        self.pool.close()
+        self.watcher.close()
+
+
+_TOKEN_PATTERNS = re.compile(r"(gl(?:pat|oas|dt|rt|ft|cbt|ptt|soat|agent)-[A-Za-z0-9_.-]{8,}"
+                             r"|(?i:bearer)\s+[A-Za-z0-9_.~+/=-]{8,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+)")
+
+
+def redact_patterns(text):
+    return _TOKEN_PATTERNS.sub("[redacted]", text)
+
+
+def server_ssl_context(config):
+    if not config.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError("cannot load --tls-cert/--tls-key: %s" % exc) from None
+    return context
+
+
+class UserTokens:
+    """Team mode: one token cache per GitLab user, keyed by a hash of their token,
+    least recently used dropped first."""
+
+    def __init__(self, upstream, clock=time.time, max_users=256):
+        self._upstream = upstream
+        self._clock = clock
+        self._max = max_users
+        self._lock = threading.Lock()
+        self._caches = collections.OrderedDict()
+
+    def __len__(self):
+        return len(self._caches)
+
+    def get(self, gitlab_token):
+        key = hashlib.sha256(gitlab_token.encode("utf-8", "replace")).hexdigest()
+        with self._lock:
+            cache = self._caches.get(key)
+            if cache is None:
+                source = FixedCredential(gitlab_token)
+                cache = TokenCache(lambda: self._upstream.exchange(source), self._clock)
+                self._caches[key] = cache
+                while len(self._caches) > self._max:
+                    self._caches.popitem(last=False)
+            else:
+                self._caches.move_to_end(key)
+        return cache
+
+
+class FixedCredential:
+    """A GitLab token a client presented (team mode): nothing to re-read."""
+
+    refreshable = False
+
+    def __init__(self, token):
+        self._token = token
+
+    def get(self):
+        return self._token
+
+    def refresh(self):
+        return False
+
+
+# === Main ===
+
+def add_action_arguments(parser):
+    """Flags that do something other than serve (none in the core)."""
+
+
+def setup_logging(config, stream=None):
+    handler = logging.StreamHandler(stream or sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if config.debug else logging.INFO)
+    log.propagate = False
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record):
+        entry = {"time": self.formatTime(record), "level": record.levelname, "message": record.getMessage()}
+        return json.dumps(entry)
+
+
+def serve(server, grace):
+    """Serve until SIGINT/SIGTERM, then let in-flight requests finish for up to grace s."""
+    def stop(signum=None, frame=None):
+        if server.stopping.is_set():
+            log.warning("second signal: exiting without waiting")
+            os._exit(1)
+        log.info("shutting down: no new connections; waiting up to %gs for %d request(s)",
+                 grace, server.inflight.count)
+        server.stopping.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), stop)
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except KeyboardInterrupt:
+        stop()
+    finally:
+        server.socket.close()  # refuse new connections at once
+    if not server.inflight.wait_idle(grace):
+        log.warning("%d request(s) still running after %gs; closing them", server.inflight.count, grace)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv=None):
+    try:
+        config, args, warnings = load_config(argv)
+        setup_logging(config)
+        for warning in warnings:
+            log.warning(warning)
+        server = ProxyServer(config)
+    except ConfigError as exc:
+        print("%s: error: %s" % (NAME, exc), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("%s: error: cannot listen on %s:%s: %s" % (NAME, config.host, config.port,
+                                                         exc.strerror or exc), file=sys.stderr)
+        return 1
+    log.info("%s %s listening on %s -> %s (token from %s)", NAME, __version__, server.url,
+             config.gateway_base, config.token_source or "each client")
+    if not is_loopback(config.host) and not (config.api_key or config.per_user):
+        log.warning("listening on %s WITHOUT a proxy API key (--allow-unauthenticated): anyone "
+                    "who can reach this port uses your GitLab Duo seat and quota", config.host)
+    return serve(server, config.shutdown_grace)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1752 @@
+"""Tests for gitlab_duo_proxy: stdlib unittest against a fake GitLab and a fake AI gateway.
+
+Run: python3 -m unittest -v        (the suite also passes under python3 -S -m unittest)
+"""
+
+import contextlib
+import http.client
+import http.server
+import json
+import logging
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import ssl
+import tempfile
+import threading
+import time
+import unittest
+
+import gitlab_duo_proxy as gdp
+
+GITLAB_TOKEN = "glpat-TESTSECRET0123456789abcd"
+PROXY_KEY = "proxy-key-SECRET-4242"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- test plumbing ----------------------------------------------------------------------
+
+def start_server(testcase, server):
+    """Serve on a daemon thread; stopped, joined and closed when the test ends."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    testcase.addCleanup(server.server_close)
+    testcase.addCleanup(thread.join, 5)
+    testcase.addCleanup(server.shutdown)
+    return server
+
+
+class FakeClock:
+    """An injected clock the tests move by hand."""
+
+    def __init__(self, now=1_800_000_000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class Recorded:
+    def __init__(self, handler, body):
+        self.method = handler.command
+        self.path = handler.path
+        self.headers = handler.headers
+        self.body = body
+        self.connection = id(handler.connection)
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class DuoState:
+    """What the fake GitLab issued and the fake gateway accepts, shared by both."""
+
+    HEADER_NAMES = ("x-gitlab-host-name", "x-gitlab-instance-id", "x-gitlab-realm",
+                    "x-gitlab-global-user-id", "x-gitlab-namespace-id", "x-gitlab-root-namespace-id",
+                    "x-gitlab-enabled-feature-flags", "x-gitlab-version", "x-gitlab-feature-enabled-by-namespace-ids",
+                    "x-gitlab-enabled-instance-verbose-ai-logs", "x-gitlab-duo-seat-count",
+                    "x-gitlab-saas-duo-pro-namespace-ids", "x-gitlab-language-server-version")
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.lock = threading.Lock()
+        self.issued = {}
+        self.revoked = set()
+        self.gitlab_tokens = {GITLAB_TOKEN}
+        self.lifetime = 3600
+
+    def issue(self):
+        with self.lock:
+            token = "eyJhbGciOiJSUzI1NiJ9.gwtoken%d.%s" % (len(self.issued) + 1, os.urandom(6).hex())
+            headers = {name: "value-%s-%d" % (name[9:], len(self.issued)) for name in self.HEADER_NAMES}
+            headers["x-gitlab-unit-primitive"] = "ai_gateway_model_provider_proxy"
+            headers["x-gitlab-authentication-type"] = "oidc"
+            headers["X-Gitlab-Is-Team-Member"] = "false"
+            self.issued[token] = headers
+            return token, headers
+
+    def revoke_all(self):
+        with self.lock:
+            self.revoked.update(self.issued)
+
+
+class FakeHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def read_body(self):
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def send_json(self, status, obj, headers=()):
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in headers:
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_stream(self, frames, gates=None, end=True, request_id="gw-req-1"):
+        """frames as chunks; gates {index: Event} wait before that frame is sent."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("x-request-id", request_id)
+        self.end_headers()
+        for index, frame in enumerate(frames):
+            if gates and index in gates:
+                gates[index].wait(10)
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+        if end:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def reset(self):
+        """Abort the connection with a TCP reset."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        self.connection.close()
+        self.close_connection = True
+
+
+class ScriptedServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, handler, state):
+        self.state = state
+        self.requests = []
+        self.script = []
+        self.lock = threading.Lock()
+        self.gate = None
+        self.active = 0
+        self.max_active = 0
+        self.connections = 0
+        self.tls = None
+        super().__init__(("127.0.0.1", 0), handler)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+            super().handle_error(request, client_address)  # the proxy hanging up is expected
+
+    def get_request(self):
+        sock, addr = super().get_request()
+        with self.lock:
+            self.connections += 1
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(sock, server_side=True)
+        return sock, addr
+
+    @property
+    def url(self):
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.server_address[1])
+
+    def next_script(self):
+        with self.lock:
+            return self.script.pop(0) if self.script else None
+
+    def record(self, handler, body):
+        with self.lock:
+            self.requests.append(Recorded(handler, body))
+            return self.requests[-1]
+
+    @contextlib.contextmanager
+    def active_request(self):
+        with self.lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+class FakeGitLabHandler(FakeHandler):
+    """GitLab's direct_access endpoint (PROTOCOL.md §1) and GET /api/v4/user."""
+
+    def do_POST(self):
+        srv, body = self.server, self.read_body()
+        srv.record(self, body)
+        if self.path != gdp.DIRECT_ACCESS_PATH:
+            return self.send_json(404, {"message": "404 Not Found"})
+        with srv.active_request():
+            if srv.gate is not None:
+                srv.gate.wait(10)
+            scripted = srv.next_script()
+            if scripted is not None:
+                return scripted(self)
+            auth = self.headers.get("Authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in srv.state.gitlab_tokens:
+                return self.send_json(401, {"message": "401 Unauthorized"})
+            token, headers = srv.state.issue()
+            payload = {"headers": headers, "token": token}
+            if srv.state.lifetime is not None:
+                payload["expires_at"] = int(srv.state.clock() + srv.state.lifetime)
+            self.send_json(201, payload)
+
+    def do_GET(self):
+        srv = self.server
+        srv.record(self, b"")
+        auth = self.headers.get("Authorization", "")
+        if self.path != "/api/v4/user":
+            return self.send_json(404, {"message": "404 Not Found"})
+        if auth[7:] not in srv.state.gitlab_tokens:
+            return self.send_json(401, {"message": "401 Unauthorized"})
+        self.send_json(200, {"id": 7, "username": "ada"}, [("X-Oauth-Scopes", "api")])
+
+
+GATEWAY_PATHS = {  # compared with the query string, exactly
+    "/v1/proxy/anthropic/v1/messages": "messages",
+    "/v1/proxy/anthropic/v1/messages?beta=true": "messages",
+    "/v1/proxy/anthropic/v1/messages/count_tokens?beta=true": "count_tokens",
+    "/v1/proxy/openai/v1/chat/completions": "chat",
+    "/v1/proxy/openai/v1/responses": "responses",
+}
+GATEWAY_MODELS = {m.id for m in gdp.MODEL_CATALOG}
+
+
+class FakeGatewayHandler(FakeHandler):
+    """The AI gateway's proxy endpoints, as strict as PROTOCOL.md §2 (checks in its order)."""
+
+    def do_GET(self):
+        self.server.record(self, b"")
+        self.send_json(405, {"detail": "Method Not Allowed"})
+
+    def do_POST(self):
+        srv, body = self.server, self.read_body()
+        req = srv.record(self, body)
+        problem = self.check(req)
+        if problem is not None:
+            return self.send_json(*problem)
+        scripted = srv.next_script()
+        if scripted is not None:
+            return scripted(self, req)
+        self.default_answer(req)
+
+    def check(self, req):
+        state, headers = self.server.state, req.headers
+        auth = headers.get("Authorization")
+        if not auth:
+            return 401, {"error": "No authorization header presented"}
+        token = auth[len("Bearer "):]
+        issued = state.issued.get(token)
+        if issued is None or token in state.revoked:
+            return 401, {"error": "Forbidden by auth provider"}
+        for name, value in issued.items():
+            if headers.get(name) != value:
+                if name == "x-gitlab-unit-primitive":
+                    return 400, {"detail": "Missing x-gitlab-unit-primitive header"}
+                return 401, {"error": "Header mismatch '%s'" % name}
+        prefix = self.server.prefix
+        kind = GATEWAY_PATHS.get(req.path[len(prefix):]) if req.path.startswith(prefix) else None
+        if kind is None:
+            return 404, {"detail": "Not found"}
+        req.kind = kind
+        try:
+            payload = json.loads(req.body)
+        except ValueError:
+            return 400, {"detail": "Invalid JSON"}
+        model = payload.get("model") if isinstance(payload, dict) else None
+        if not isinstance(model, str):
+            return 400, {"detail": "Failed to extract model name"}
+        if model not in GATEWAY_MODELS:
+            return 400, {"detail": "Unsupported model"}
+        if kind in ("messages", "count_tokens") and not headers.get("anthropic-version"):
+            return 400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                    "message": "anthropic-version: header is required"}}
+        return None
+
+    def default_answer(self, req):
+        payload = req.json()
+        if req.kind == "count_tokens":
+            return self.send_json(200, {"input_tokens": 42})
+        if req.kind == "messages" and payload.get("stream"):
+            return self.send_stream(text_stream(payload["model"]))
+        if req.kind == "messages":
+            return self.send_json(200, message_json(payload["model"]), [("x-request-id", "gw-req-9")])
+        return self.send_json(200, {"echo": payload})
+
+
+class FakeGateway(ScriptedServer):
+    def __init__(self, state, prefix="/ai"):
+        self.prefix = prefix
+        super().__init__(FakeGatewayHandler, state)
+
+
+def sse(event, data):
+    return ("event: %s\ndata: %s\n\n" % (event, json.dumps(data, separators=(",", ":")))).encode()
+
+
+def message_json(model, text="Hello!"):
+    return {"id": "msg_01", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "stop_sequence": None, "usage": {"input_tokens": 12, "output_tokens": 5}}
+
+
+def text_stream(model, text=("Hel", "lo!")):
+    frames = [sse("message_start", {"type": "message_start", "message": {
+        "id": "msg_01", "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None,
+        "usage": {"input_tokens": 12, "output_tokens": 1, "cache_read_input_tokens": 7}}}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "text", "text": ""}}),
+        sse("ping", {"type": "ping"})]
+    frames += [sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": t}}) for t in text]
+    frames += [sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               sse("message_delta", {"type": "message_delta", "delta": {
+                   "stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 5}}),
+               sse("message_stop", {"type": "message_stop"})]
+    return frames
+
+
+def rich_stream(model):
+    """Thinking with a signature, then a tool call whose JSON arrives in pieces."""
+    delta = lambda i, d: sse("content_block_delta", {"type": "content_block_delta", "index": i, "delta": d})  # noqa: E731
+    return [
+        sse("message_start", {"type": "message_start", "message": {
+            "id": "msg_02", "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 30, "output_tokens": 1, "cache_creation_input_tokens": 100,
+                      "cache_read_input_tokens": 2000}}}),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+        delta(0, {"type": "thinking_delta", "thinking": "Let me check the weather."}),
+        delta(0, {"type": "signature_delta", "signature": "EqQBCkYIBRgCIkD" + "A" * 40}),
+        sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {
+            "type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}}}),
+        delta(1, {"type": "input_json_delta", "partial_json": ""}),
+        delta(1, {"type": "input_json_delta", "partial_json": "{\"city\": \"Par"}),
+        delta(1, {"type": "input_json_delta", "partial_json": "is\"}"}),
+        sse("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use",
+                                                                 "stop_sequence": None},
+                              "usage": {"output_tokens": 40}}),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def parse_sse(body):
+    """[(event, data)] as an SDK sees them."""
+    events = []
+    for block in body.decode().split("\n\n"):
+        if not block.strip():
+            continue
+        fields = dict(line.split(": ", 1) for line in block.split("\n") if ": " in line)
+        events.append((fields.get("event"), json.loads(fields["data"])))
+    return events
+
+
+class Response:
+    def __init__(self, resp, body):
+        self.status = resp.status
+        self.headers = resp.headers
+        self.body = body
+
+    def json(self):
+        return json.loads(self.body)
+
+    @property
+    def error(self):
+        data = self.json()
+        assert data["type"] == "error", data
+        return data["error"]
+
+
+def base_config(**overrides):
+    values = dict(gitlab_token=GITLAB_TOKEN, port=0, retry_base_delay=0.01, retry_max_seconds=5.0,
+                  connect_timeout=2.0, token_timeout=2.0, read_timeout=10.0, client_timeout=10.0,
+                  stream_idle_timeout=10.0, token_source="GITLAB_TOKEN in the environment")
+    values.update(overrides)
+    return gdp.Config(**values)
+
+
+class ProxyTestCase(unittest.TestCase):
+    """A proxy wired to a fresh fake GitLab and fake gateway for every test."""
+
+    config_overrides = {}
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.duo = DuoState(self.clock)
+        self.gitlab = start_server(self, ScriptedServer(FakeGitLabHandler, self.duo))
+        self.gateway = start_server(self, FakeGateway(self.duo))
+        self.proxy = self.make_proxy(**self.config_overrides)
+
+    def make_proxy(self, **overrides):
+        overrides.setdefault("instance_url", self.gitlab.url)
+        overrides.setdefault("gateway_url", self.gateway.url)
+        return start_server(self, gdp.ProxyServer(base_config(**overrides), clock=self.clock))
+
+    def request(self, method, path, body=None, headers=None, proxy=None, timeout=10):
+        proxy = proxy or self.proxy
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=timeout)
+        try:
+            if isinstance(body, (dict, list)):
+                body = json.dumps(body).encode()
+            conn.request(method, path, body, dict(headers or {}))
+            resp = conn.getresponse()
+            return Response(resp, resp.read())
+        finally:
+            conn.close()
+
+    def post(self, path, payload, headers=None, **kw):
+        merged = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+        merged.update(headers or {})
+        return self.request("POST", path, payload, merged, **kw)
+
+    def gateway_calls(self, kind=None):
+        return [r for r in self.gateway.requests if kind is None or getattr(r, "kind", None) == kind]
+
+    def exchanges(self):
+        return [r for r in self.gitlab.requests if r.path == gdp.DIRECT_ACCESS_PATH]
+
+
+SIMPLE = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
+
+
+# --- configuration ----------------------------------------------------------------------
+
+class ConfigTests(unittest.TestCase):
+    def load(self, argv=(), environ=None, cwd=None):
+        return gdp.load_config(list(argv), environ or {}, cwd=cwd or self.tmp)[0]
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp()
+        self.addCleanup(lambda: [os.remove(os.path.join(self.tmp, f)) for f in os.listdir(self.tmp)])
+
+    def write_env(self, text, name=".env", mode=0o600):
+        path = os.path.join(self.tmp, name)
+        with open(path, "w") as fh:
+            fh.write(text)
+        os.chmod(path, mode)
+        return path
+
+    def test_defaults(self):
+        config = self.load(environ={"GITLAB_TOKEN": "t"})
+        self.assertEqual(config.instance_url, "https://gitlab.com")
+        self.assertEqual(config.gateway_url, "https://cloud.gitlab.com")
+        self.assertEqual(config.gateway_base, "https://cloud.gitlab.com/ai")
+        self.assertEqual((config.host, config.port), ("127.0.0.1", 4141))
+        self.assertEqual(config.default_model, "claude-sonnet-4-6")
+        self.assertNotEqual(config.default_model, "claude-sonnet-4-5-20250929")
+        self.assertFalse(config.debug)
+
+    def test_flags_beat_environment_beat_dotenv(self):
+        self.write_env("GITLAB_TOKEN=from-file\nPORT=5000\nHOST=127.0.0.2\nDEFAULT_MODEL=opus\n")
+        config = self.load(["--port", "6000"], {"PORT": "5500", "HOST": "::1"})
+        self.assertEqual(config.port, 6000)
+        self.assertEqual(config.host, "::1")
+        self.assertEqual(config.default_model, "opus")
+        self.assertEqual(config.gitlab_token, "from-file")
+
+    def test_dotenv_syntax(self):
+        values = gdp.parse_dotenv('# c\nexport A=1\nB="two words"\nC=\'x # y\'\nD=plain # note\n\nE\n')
+        self.assertEqual(values, {"A": "1", "B": "two words", "C": "x # y", "D": "plain"})
+
+    def test_env_file_flag_chooses_the_file(self):
+        self.write_env("GITLAB_TOKEN=ignored\n")
+        other = self.write_env("GITLAB_TOKEN=chosen\nGITLAB_AI_GATEWAY_URL=http://localhost:5052\n"
+                               "GITLAB_AI_GATEWAY_PREFIX=\n", name="other.env")
+        config = self.load(["--env-file", other])
+        self.assertEqual(config.gitlab_token, "chosen")
+        self.assertEqual(config.gateway_base, "http://localhost:5052")
+
+    def test_gdk_setup_by_configuration_alone(self):
+        config = self.load(environ={"GITLAB_TOKEN": "t", "GITLAB_INSTANCE_URL": "http://localhost:3000",
+                                    "GITLAB_AI_GATEWAY_URL": "http://localhost:5052",
+                                    "GITLAB_AI_GATEWAY_PREFIX": ""})
+        self.assertEqual(config.gateway_base + gdp.ANTHROPIC_PROXY, "http://localhost:5052/v1/proxy/anthropic")
+        self.assertEqual(gdp.Endpoint.parse(config.instance_url).origin, "http://localhost:3000")
+
+    def test_gateway_url_with_ai_suffix_is_not_doubled(self):
+        config = self.load(environ={"GITLAB_TOKEN": "t", "GITLAB_AI_GATEWAY_URL": "https://cloud.gitlab.com/ai/"})
+        self.assertEqual(config.gateway_base, "https://cloud.gitlab.com/ai")
+
+    def assert_start_fails(self, environ, fragment, argv=()):
+        code, _, err = run_script(list(argv), environ, cwd=self.tmp)
+        self.assertEqual(code, 2, err)
+        self.assertEqual(len(err.strip().splitlines()), 1, err)
+        self.assertIn(fragment, err)
+        self.assertNotIn("Traceback", err)
+
+    def test_missing_token_stops_with_one_line(self):
+        self.assert_start_fails({}, "no GitLab token")
+
+    def test_malformed_port_and_urls_stop_with_one_line(self):
+        self.assert_start_fails({"GITLAB_TOKEN": "t", "PORT": "41a"}, "PORT='41a' is not valid")
+        self.assert_start_fails({"GITLAB_TOKEN": "t", "PORT": "70000"}, "between 0 and 65535")
+        self.assert_start_fails({"GITLAB_TOKEN": "t", "GITLAB_INSTANCE_URL": "gitlab.com"},
+                                "GITLAB_INSTANCE_URL='gitlab.com' is not valid")
+        self.assert_start_fails({"GITLAB_TOKEN": "t"}, "GITLAB_AI_GATEWAY_URL",
+                                ["--gateway-url", "ftp://x"])
+
+    def test_help_lists_every_option_with_default_and_variable(self):
+        code, out, _ = run_script(["--help"], {}, cwd=self.tmp)
+        self.assertEqual(code, 0)
+        flat = " ".join(out.split())
+        for opt in gdp.OPTIONS:
+            self.assertIn(opt.env, flat)
+            if opt.flag:
+                self.assertIn(opt.flag, flat)
+        self.assertIn("default: 4141", flat)
+        self.assertIn("default: 'https://gitlab.com'", flat)
+
+    def test_invalid_numbers_are_rejected(self):
+        with self.assertRaises(gdp.ConfigError):
+            self.load(environ={"GITLAB_TOKEN": "t", "READ_TIMEOUT": "-1"})
+        with self.assertRaises(gdp.ConfigError):
+            self.load(environ={"GITLAB_TOKEN": "t", "DEBUG": "maybe"})
+
+    def test_secrets_not_in_repr(self):
+        config = self.load(environ={"GITLAB_TOKEN": GITLAB_TOKEN, "PROXY_API_KEY": PROXY_KEY})
+        self.assertNotIn(GITLAB_TOKEN, repr(config))
+        self.assertNotIn(PROXY_KEY, repr(config))
+
+
+def run_script(argv, environ, cwd=None, timeout=20):
+    """Run the program as a user would; (exit status, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "SYSTEMROOT", "HOME", "TMPDIR")}
+    env.update(environ)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "gitlab_duo_proxy.py")] + argv,
+                          env=env, cwd=cwd or HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          timeout=timeout)
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+# --- models and aliases -----------------------------------------------------------------
+
+class CatalogTests(unittest.TestCase):
+    def setUp(self):
+        self.catalog = gdp.Catalog(gdp.build_catalog(""), gdp.DEFAULT_MODEL)
+
+    def test_dated_ids_and_undated_aliases(self):
+        resolve = self.catalog.resolve
+        self.assertEqual(resolve("claude-sonnet-4-5"), "claude-sonnet-4-5-20250929")
+        self.assertEqual(resolve("claude-opus-4-5"), "claude-opus-4-5-20251101")
+        self.assertEqual(resolve("claude-haiku-4-5"), "claude-haiku-4-5-20251001")
+        self.assertEqual(resolve("claude-haiku-4-5-20251001"), "claude-haiku-4-5-20251001")
+        self.assertEqual(resolve("claude-opus-4-6-20260205"), "claude-opus-4-6")
+        self.assertEqual(resolve("claude-sonnet-4-5-latest"), "claude-sonnet-4-5-20250929")
+
+    def test_short_names_are_the_newest_of_their_family(self):
+        resolve = self.catalog.resolve
+        self.assertEqual(resolve("sonnet"), "claude-sonnet-5")
+        self.assertEqual(resolve("opus"), "claude-opus-5")
+        self.assertEqual(resolve("haiku"), "claude-haiku-4-5-20251001")
+        self.assertEqual(resolve("claude-opus"), "claude-opus-5")
+
+    def test_duo_chat_names(self):
+        resolve = self.catalog.resolve
+        self.assertEqual(resolve("duo-chat"), gdp.DEFAULT_MODEL)
+        self.assertEqual(resolve("duo-chat-opus-4-6"), "claude-opus-4-6")
+        self.assertEqual(resolve("duo-chat-sonnet-4-5"), "claude-sonnet-4-5-20250929")
+        self.assertEqual(resolve("duo-chat-haiku-4-5"), "claude-haiku-4-5-20251001")
+        self.assertEqual(resolve("duo-chat-gpt-5-1"), "gpt-5.1-2025-11-13")
+        self.assertEqual(resolve("duo-chat-gpt-5-mini"), "gpt-5-mini-2025-08-07")
+        self.assertEqual(resolve("duo-chat-gpt-5-2-codex"), "gpt-5.2-codex")
+
+    def test_unknown_names_go_upstream_unchanged(self):
+        self.assertEqual(self.catalog.resolve("claude-next-9"), "claude-next-9")
+        self.assertEqual(self.catalog.resolve(""), gdp.DEFAULT_MODEL)
+
+    def test_models_setting_replaces_or_edits_the_list(self):
+        replaced = gdp.build_catalog("claude-opus-4-8, claude-sonnet-9-1-20270101")
+        self.assertEqual([m.id for m in replaced], ["claude-sonnet-9-1-20270101", "claude-opus-4-8"])
+        self.assertEqual(replaced[0].display_name, "Claude Sonnet 9.1")
+        self.assertEqual(replaced[0].created_at, "2027-01-01T00:00:00Z")
+        edited = [m.id for m in gdp.build_catalog("+claude-mythos-5,-claude-sonnet-4-5-20250929")]
+        self.assertIn("claude-mythos-5", edited)
+        self.assertNotIn("claude-sonnet-4-5-20250929", edited)
+        self.assertEqual(len(edited), len(gdp.MODEL_CATALOG))
+
+    def test_pages(self):
+        ids = self.catalog.ids("anthropic")
+        page, more = self.catalog.page(3, provider="anthropic")
+        self.assertEqual([m.id for m in page], ids[:3])
+        self.assertTrue(more)
+        page, more = self.catalog.page(3, after_id=ids[2], provider="anthropic")
+        self.assertEqual([m.id for m in page], ids[3:6])
+        page, more = self.catalog.page(2, before_id=ids[3], provider="anthropic")
+        self.assertEqual([m.id for m in page], ids[1:3])
+        self.assertTrue(more)
+        with self.assertRaises(gdp.BadRequest):
+            self.catalog.page(3, after_id="nope")
+
+
+class HelperTests(unittest.TestCase):
+    def test_json_body_splices_only_the_model(self):
+        raw = '{ "max_tokens" : 5,\n "model":"sonnet" , "x": [1.0, 1e5, "\\u00e9"] }'.encode()
+        body = gdp.JsonBody(raw)
+        self.assertEqual(body.get("model"), "sonnet")
+        self.assertEqual(body.with_value("model", "claude-sonnet-5"),
+                         raw.replace(b'"sonnet"', b'"claude-sonnet-5"'))
+
+    def test_json_body_adds_a_missing_model_first(self):
+        self.assertEqual(gdp.JsonBody(b'{"a":1}').with_value("model", "m"), b'{"model":"m","a":1}')
+        self.assertEqual(gdp.JsonBody(b' {} ').with_value("model", "m"), b' {"model":"m"} ')
+
+    def test_json_body_rejects_what_is_not_an_object(self):
+        for raw, fragment in ((b"[1]", "not an array"), (b'{"a":1', "not valid JSON"),
+                              (b'{"a":1}x', "extra data"), (b"", "not empty"), (b"\xff{}", "UTF-8"),
+                              (b'{"a" 1}', "expected ':'"), (b'{"a":1,}', "property name")):
+            with self.assertRaises(gdp.BadRequest) as caught:
+                gdp.JsonBody(raw)
+            self.assertIn(fragment.replace("not ", "") if fragment.startswith("not ") else fragment,
+                          caught.exception.message, raw)
+
+    def test_split_target(self):
+        self.assertEqual(gdp.split_target("/v1/v1/messages?beta=true"), ("/v1/messages", {"beta": "true"}))
+        self.assertEqual(gdp.split_target("/v1/models/"), ("/v1/models", {}))
+        with self.assertRaises(gdp.NotFound):
+            gdp.split_target("http://evil.example/v1/messages")
+
+    def test_join_beta(self):
+        self.assertEqual(gdp.join_beta(["a,b", " c ", "a"]), "a,b,c")
+
+    def test_error_translation(self):
+        anthropic = json.dumps({"type": "error", "error": {"type": "invalid_request_error",
+                                                           "message": "prompt is too long: 210000 tokens > 200000 maximum"}}).encode()
+        self.assertIsNone(gdp.translate_gateway_error(400, anthropic, "m", []))
+        err = gdp.translate_gateway_error(400, b'{"detail":"Unsupported model"}', "claude-x", ["a", "b"])
+        self.assertEqual((err.status, err.error_type), (400, "invalid_request_error"))
+        self.assertIn("'claude-x'", err.message)
+        self.assertIn("a, b", err.message)
+        err = gdp.translate_gateway_error(402, json.dumps({"error": "insufficient_credits", "error_code":
+                                                           "USAGE_QUOTA_EXCEEDED", "message": "Quota exceeded"}).encode(), "m", [])
+        self.assertEqual((err.status, err.error_type), (402, "billing_error"))
+        self.assertIn("Quota exceeded", err.message)
+        self.assertIn("credits", err.message)
+        err = gdp.translate_gateway_error(401, b'{"error":"Forbidden by auth provider"}', "m", [])
+        self.assertEqual(err.error_type, "authentication_error")
+        self.assertIn("scope api", err.message)
+        err = gdp.translate_gateway_error(502, b"<html>bad</html>", "m", [])
+        self.assertIn("Bad Gateway", err.message)
+
+    def test_token_error_translation(self):
+        err = gdp.translate_token_error(401, b'{"message":"401 Unauthorized"}')
+        self.assertEqual(err.error_type, "authentication_error")
+        self.assertIn("scope api", err.message)
+        err = gdp.translate_token_error(403, b'{"message":"403 Forbidden"}')
+        self.assertIn("third-party agents", err.message)
+        err = gdp.translate_token_error(403, b'{"error":"insufficient_scope","error_description":"d","scope":"api"}')
+        self.assertIn("scope", err.message)
+        err = gdp.translate_token_error(503, b'{"message":"Token creation failed"}')
+        self.assertEqual(err.status, 503)
+        self.assertIn("seat", err.message)
+        err = gdp.translate_token_error(429, b'{"message":{"error":"This endpoint has been requested too many times."}}', 30)
+        self.assertEqual((err.status, err.headers["retry-after"]), (429, "30"))
+        self.assertIn("too many times", err.message)
+
+    def test_headers_never_carry_client_credentials(self):
+        client = http.client.HTTPMessage()
+        for key, value in (("x-api-key", "k"), ("Authorization", "Bearer c"), ("anthropic-beta", "a"),
+                           ("anthropic-beta", "b"), ("Cookie", "c=1"), ("Connection", "keep-alive"),
+                           ("x-stainless-os", "Linux")):
+            client[key] = value
+        headers = gdp.gateway_headers(client, {"x-gitlab-realm": "saas"}, "gw", 10)
+        lowered = {k.lower(): v for k, v in headers.items()}
+        self.assertEqual(lowered["authorization"], "Bearer gw")
+        self.assertEqual(lowered["anthropic-beta"], "a,b")
+        self.assertEqual(lowered["anthropic-version"], "2023-06-01")
+        self.assertEqual(lowered["accept-encoding"], "identity")
+        for name in ("x-api-key", "cookie", "connection", "x-stainless-os"):
+            self.assertNotIn(name, lowered)
+
+    def test_exchange_headers_drop_x_api_key_and_refuse_injection(self):
+        self.assertEqual(gdp.clean_exchange_headers({"x-api-key": "k", "X-Gitlab-Is-Team-Member": "false"}),
+                         {"X-Gitlab-Is-Team-Member": "false"})
+        with self.assertRaises(ValueError):
+            gdp.clean_exchange_headers({"x-gitlab-realm": "saas\r\nX-Evil: 1"})
+
+    def test_no_proxy_matching(self):
+        self.assertTrue(gdp.proxy_bypassed("gitlab.example.com", 443, ".example.com"))
+        self.assertTrue(gdp.proxy_bypassed("example.com", 443, "example.com:443"))
+        self.assertFalse(gdp.proxy_bypassed("example.com", 80, "example.com:443"))
+        self.assertTrue(gdp.proxy_bypassed("x", 1, "*"))
+        self.assertFalse(gdp.proxy_bypassed("notexample.com", 443, "example.com"))
+
+    def test_retry_after_parsing(self):
+        self.assertEqual(gdp.parse_retry_after("2"), 2.0)
+        self.assertEqual(gdp.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470), 10.0)
+        self.assertIsNone(gdp.parse_retry_after("soon"))
+
+
+# --- token exchange ---------------------------------------------------------------------
+
+class TokenCacheTests(unittest.TestCase):
+    def test_fifty_cold_requests_cause_one_exchange(self):
+        gate, calls = threading.Event(), []
+
+        def exchange():
+            calls.append(1)
+            gate.wait(5)
+            return {"token": "tok", "headers": {}, "expires_at": 2_000_000_000}
+        cache = gdp.TokenCache(exchange, clock=FakeClock())
+        results, barrier = [], threading.Barrier(50)
+
+        def worker():
+            barrier.wait()
+            results.append(cache.get().token)
+        threads = [threading.Thread(target=worker) for _ in range(50)]
+        for t in threads:
+            t.start()
+        gate.set()
+        for t in threads:
+            t.join(10)
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(results, ["tok"] * 50)
+
+    def test_expiry_margin_with_injected_clock(self):
+        clock, n = FakeClock(), []
+
+        def exchange():
+            n.append(1)
+            return {"token": "t%d" % len(n), "headers": {}, "expires_at": clock() + 3600}
+        cache = gdp.TokenCache(exchange, clock=clock)
+        self.assertEqual(cache.get().token, "t1")
+        clock.advance(3600 - gdp.TOKEN_MARGIN - 1)
+        self.assertEqual(cache.get().token, "t1")
+        clock.advance(2)
+        self.assertEqual(cache.get().token, "t2")
+
+    def test_twenty_five_minutes_without_expires_at(self):
+        clock, n = FakeClock(), []
+        cache = gdp.TokenCache(lambda: n.append(1) or {"token": "t%d" % len(n)}, clock=clock)
+        cache.get()
+        clock.advance(25 * 60 - 1)
+        self.assertEqual(cache.get().token, "t1")
+        clock.advance(2)
+        self.assertEqual(cache.get().token, "t2")
+
+    def test_failures_are_not_cached(self):
+        answers = [gdp.ProxyError("down", 503), {"token": "ok"}]
+
+        def exchange():
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+        cache = gdp.TokenCache(exchange, clock=FakeClock())
+        with self.assertRaises(gdp.ProxyError):
+            cache.get()
+        self.assertEqual(cache.get().token, "ok")
+
+    def test_invalidate_only_drops_the_failed_token(self):
+        n = []
+        cache = gdp.TokenCache(lambda: n.append(1) or {"token": "t%d" % len(n)}, clock=FakeClock())
+        old = cache.get()
+        cache.invalidate(old)
+        new = cache.get()
+        cache.invalidate(old)  # a late 401 for the old token changes nothing
+        self.assertIs(cache.get(), new)
+        self.assertEqual(len(n), 2)
+
+
+class ExchangeTests(ProxyTestCase):
+    def test_exchange_request_and_header_replay(self):
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 200, resp.body)
+        (exchange,) = self.exchanges()
+        self.assertEqual(exchange.method, "POST")
+        self.assertEqual(exchange.headers["Authorization"], "Bearer " + GITLAB_TOKEN)
+        self.assertEqual(json.loads(exchange.body), {"feature_flags": {"DuoAgentPlatformNext": True}})
+        (call,) = self.gateway_calls()
+        token, issued = next(iter(self.duo.issued.items()))
+        self.assertEqual(call.headers["Authorization"], "Bearer " + token)
+        for name, value in issued.items():
+            self.assertEqual(call.headers[name], value)
+        self.assertIn("X-Gitlab-Is-Team-Member", call.headers.keys())
+
+    def test_token_is_reused_until_near_expiry(self):
+        for _ in range(3):
+            self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.assertEqual(len(self.exchanges()), 1)
+        self.clock.advance(3600 - gdp.TOKEN_MARGIN + 1)
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.assertEqual(len(self.exchanges()), 2)
+
+    def test_fifty_concurrent_requests_on_a_cold_cache(self):
+        self.gitlab.gate = threading.Event()
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(self.post("/v1/messages", SIMPLE).status))
+                   for _ in range(50)]
+        for t in threads:
+            t.start()
+        self.gitlab.gate.set()
+        for t in threads:
+            t.join(20)
+        self.assertEqual(results, [200] * 50)
+        self.assertEqual(len(self.exchanges()), 1)
+
+    def test_gateway_401_refreshes_and_replays_once(self):
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.duo.revoke_all()
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(len(self.exchanges()), 2)
+        self.assertEqual(len(self.gateway_calls()), 3)
+        self.assertEqual(self.gateway_calls()[1].body, self.gateway_calls()[2].body)
+
+    def test_second_401_reaches_the_client_with_a_hint(self):
+        self.gateway.script = [lambda h, r: h.send_json(401, {"error": "Forbidden by auth provider"})] * 2
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 401)
+        self.assertEqual(resp.error["type"], "authentication_error")
+        self.assertIn("Forbidden by auth provider", resp.error["message"])
+        self.assertIn("scope api", resp.error["message"])
+        self.assertEqual(len(self.exchanges()), 2)
+        self.assertEqual(len(self.gateway_calls()), 2)
+
+    def check_token_failure(self, status, body, expected_status, expected_type, fragment):
+        self.gitlab.script = [lambda h: h.send_json(status, body)]
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, expected_status, resp.body)
+        self.assertEqual(resp.error["type"], expected_type)
+        self.assertIn(fragment, resp.error["message"])
+        self.assertEqual(self.gateway_calls(), [])
+        self.assertNotIn(GITLAB_TOKEN, resp.body.decode())
+
+    def test_token_endpoint_401(self):
+        self.check_token_failure(401, {"error": "invalid_token", "error_description": "Token is expired."},
+                                 401, "authentication_error", "scope api")
+
+    def test_token_endpoint_403(self):
+        self.check_token_failure(403, {"message": "403 Forbidden"}, 403, "permission_error",
+                                 "Duo is not enabled")
+
+    def test_token_endpoint_403_scope(self):
+        self.check_token_failure(403, {"error": "insufficient_scope", "error_description": "needs api",
+                                       "scope": "api"}, 403, "permission_error", "scope api")
+
+    def test_token_endpoint_503(self):
+        self.check_token_failure(503, {"message": "Token creation failed"}, 503, "api_error",
+                                 "could not mint")
+
+    def test_real_gitlab_token_rejected(self):
+        self.duo.gitlab_tokens.clear()
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 401)
+        self.assertIn("invalid, expired or revoked", resp.error["message"])
+
+
+# --- /v1/messages -----------------------------------------------------------------------
+
+class MessagesTests(ProxyTestCase):
+    def test_body_goes_upstream_byte_for_byte(self):
+        raw = ('{"model": "claude-sonnet-4-6",  "max_tokens": 64, "temperature": 1.0, "messages": '
+               '[{"role": "user", "content": [{"type": "image", "source": {"type": "base64", '
+               '"media_type": "image/png", "data": "iVBORw0KGgo="}}, {"type": "text", "text": "caf\\u00e9 ☕"}]}],'
+               ' "thinking": {"type": "enabled", "budget_tokens": 1024}, "tools": [{"name": "t", '
+               '"input_schema": {"type": "object"}}]}').encode()
+        resp = self.post("/v1/messages", raw)
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(self.gateway_calls()[0].body, raw)
+
+    def test_alias_changes_only_the_model(self):
+        raw = b'{"max_tokens":64,"model" : "claude-sonnet-4-5","messages":[{"role":"user","content":"x"}]}'
+        self.assertEqual(self.post("/v1/messages", raw).status, 200)
+        self.assertEqual(self.gateway_calls()[0].body, raw.replace(b'"claude-sonnet-4-5"', b'"claude-sonnet-4-5-20250929"'))
+
+    def test_default_model_when_absent(self):
+        resp = self.post("/v1/messages", {"max_tokens": 5, "messages": []})
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(self.gateway_calls()[0].json()["model"], gdp.DEFAULT_MODEL)
+
+    def test_non_streaming_answer_and_request_id(self):
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.json()["content"][0]["text"], "Hello!")
+        self.assertEqual(resp.headers["request-id"], "gw-req-9")
+        self.assertEqual(resp.headers["Content-Type"], "application/json")
+
+    def test_upstream_headers(self):
+        headers = {"x-api-key": "client-key", "Authorization": "Bearer client", "anthropic-version": "2023-01-01",
+                   "Connection": "keep-alive, x-hop", "Keep-Alive": "timeout=5", "TE": "trailers",
+                   "Proxy-Authorization": "Basic eA==", "Cookie": "a=b", "x-stainless-lang": "python",
+                   "Accept": "application/json", "User-Agent": "Anthropic/Python 2.12.0"}
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
+        self.addCleanup(conn.close)
+        conn.putrequest("POST", "/v1/messages?beta=true", skip_accept_encoding=True)
+        body = json.dumps(SIMPLE).encode()
+        for key, value in list(headers.items()) + [("anthropic-beta", "a-2025"), ("anthropic-beta", "b-2026,c"),
+                                                   ("Content-Length", str(len(body))),
+                                                   ("Accept-Encoding", "gzip, br")]:
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        self.assertEqual(conn.getresponse().status, 200)
+        call = self.gateway_calls()[0]
+        self.assertEqual(call.path, "/ai/v1/proxy/anthropic/v1/messages?beta=true")
+        got = {k.lower(): v for k, v in call.headers.items()}
+        self.assertEqual(got["anthropic-version"], "2023-01-01")
+        self.assertEqual(call.headers.get_all("anthropic-beta"), ["a-2025,b-2026,c"])
+        self.assertEqual(got["accept-encoding"], "identity")
+        self.assertTrue(got["user-agent"].startswith("gitlab-duo-proxy/" + gdp.__version__))
+        self.assertTrue(got["authorization"].startswith("Bearer eyJ"))
+        for name in ("x-api-key", "keep-alive", "te", "proxy-authorization", "cookie", "x-stainless-lang",
+                     "x-hop", "connection"):
+            self.assertNotIn(name, got)
+
+    def test_query_and_double_v1_paths(self):
+        self.assertEqual(self.post("/v1/v1/messages", SIMPLE).status, 200)
+        self.assertEqual(self.post("/v1/messages?beta=true&foo=bar", SIMPLE).status, 200)
+        self.assertEqual(self.post("/v1/messages?foo=bar", SIMPLE).status, 200)
+        self.assertEqual([c.path for c in self.gateway_calls()],
+                         ["/ai/v1/proxy/anthropic/v1/messages", "/ai/v1/proxy/anthropic/v1/messages?beta=true",
+                          "/ai/v1/proxy/anthropic/v1/messages"])
+
+    def test_count_tokens_gets_beta_query(self):
+        for path in ("/v1/messages/count_tokens", "/v1/messages/count_tokens?beta=true"):
+            resp = self.post(path, {"model": "claude-sonnet-4-6", "messages": []})
+            self.assertEqual(resp.json(), {"input_tokens": 42})
+        self.assertEqual({c.path for c in self.gateway_calls()},
+                         {"/ai/v1/proxy/anthropic/v1/messages/count_tokens?beta=true"})
+
+    def test_openai_model_on_messages_is_refused_clearly(self):
+        resp = self.post("/v1/messages", dict(SIMPLE, model="gpt-5-codex"))
+        self.assertEqual(resp.status, 400)
+        self.assertIn("/v1/chat/completions", resp.error["message"])
+
+    def test_prompt_too_long_reaches_the_client_verbatim(self):
+        body = json.dumps({"type": "error", "error": {"type": "invalid_request_error",
+                                                      "message": "prompt is too long: 210000 tokens > 200000 maximum"}})
+        self.gateway.script = [lambda h, r: h.send_json(400, json.loads(body), [("x-request-id", "gw-77")])]
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 400)
+        self.assertEqual(resp.body, body.encode())
+        self.assertEqual(resp.headers["request-id"], "gw-77")
+
+    def test_gitlab_shaped_errors_become_anthropic_errors(self):
+        cases = [(402, {"detail": "Proxy endpoints are not enabled for this namespace"}, "billing_error", "administrator"),
+                 (403, {"detail": "Gitlab namespace id mismatch"}, "permission_error", "mismatch"),
+                 (402, {"error": "insufficient_credits", "error_code": "USAGE_QUOTA_EXCEEDED",
+                        "message": "Usage quota exceeded"}, "billing_error", "Usage quota exceeded"),
+                 (403, {"error": "not_entitled", "error_code": "USAGE_QUOTA_NOT_ENTITLED",
+                        "message": "Not entitled"}, "permission_error", "subscription"),
+                 (400, {"message": "something odd"}, "invalid_request_error", "something odd")]
+        for status, body, error_type, fragment in cases:
+            self.gateway.script = [lambda h, r, s=status, b=body: h.send_json(s, b)]
+            resp = self.post("/v1/messages", SIMPLE)
+            self.assertEqual(resp.status, status, body)
+            self.assertEqual(resp.error["type"], error_type, body)
+            self.assertIn(fragment, resp.error["message"])
+
+    def test_unsupported_model_lists_known_models(self):
+        resp = self.post("/v1/messages", dict(SIMPLE, model="claude-unknown-1"))
+        self.assertEqual(resp.status, 400)
+        self.assertIn("'claude-unknown-1'", resp.error["message"])
+        self.assertIn("claude-sonnet-4-6", resp.error["message"])
+        self.assertEqual(self.gateway_calls()[0].json()["model"], "claude-unknown-1")
+
+    def test_unreachable_gateway_is_502_with_host_and_reason(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proxy = self.make_proxy(gateway_url="http://127.0.0.1:%d" % port, retries=0)
+        resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertEqual(resp.status, 502)
+        self.assertEqual(resp.error["type"], "api_error")
+        self.assertIn("127.0.0.1:%d" % port, resp.error["message"])
+        self.assertIn("refused", resp.error["message"])
+        self.assertTrue(resp.headers["request-id"])
+
+    def test_gdk_gateway_without_ai_prefix(self):
+        gateway = start_server(self, FakeGateway(self.duo, prefix=""))
+        proxy = self.make_proxy(gateway_url=gateway.url, gateway_prefix="")
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        self.assertEqual(gateway.requests[0].path, "/v1/proxy/anthropic/v1/messages")
+
+
+class StreamingTests(ProxyTestCase):
+    def stream(self, frames, payload=None, **kw):
+        self.gateway.script = [lambda h, r: h.send_stream(frames, **kw)]
+        return self.post("/v1/messages?beta=true", payload or dict(SIMPLE, stream=True))
+
+    def test_stream_relayed_byte_for_byte(self):
+        frames = rich_stream("claude-sonnet-4-6")
+        resp = self.stream(frames)
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.body, b"".join(frames))
+        self.assertEqual(resp.headers["Content-Type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(resp.headers["Cache-Control"], "no-cache")
+        self.assertEqual(resp.headers["X-Accel-Buffering"], "no")
+        self.assertEqual(resp.headers["Transfer-Encoding"], "chunked")
+        self.assertEqual(resp.headers["request-id"], "gw-req-1")
+        events = parse_sse(resp.body)
+        self.assertEqual(events[3][1]["delta"]["type"], "signature_delta")
+        partial = "".join(d["delta"].get("partial_json", "") for e, d in events if e == "content_block_delta")
+        self.assertEqual(json.loads(partial), {"city": "Paris"})
+
+    def test_frames_split_across_chunks_are_rejoined_exactly(self):
+        whole = b"".join(text_stream("claude-sonnet-4-6"))
+        pieces = [whole[i:i + 7] for i in range(0, len(whole), 7)]
+        self.assertEqual(self.stream(pieces).body, whole)
+
+    def test_claude_code_style_accept_json_still_streams(self):
+        self.assertEqual(self.post("/v1/messages?beta=true", dict(SIMPLE, stream=True),
+                                   {"Accept": "application/json"}).headers["Content-Type"],
+                         "text/event-stream; charset=utf-8")
+
+    def test_bytes_reach_the_client_before_the_upstream_ends(self):
+        release = threading.Event()
+        frames = text_stream("claude-sonnet-4-6")
+        self.gateway.script = [lambda h, r: h.send_stream(frames, gates={3: release})]
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/messages", json.dumps(dict(SIMPLE, stream=True)),
+                     {"anthropic-version": "2023-06-01", "Content-Type": "application/json"})
+        resp = conn.getresponse()
+        first = b""
+        while first.count(b"\n\n") < 3:
+            first += resp.read1(65536)
+        self.assertEqual(first, b"".join(frames[:3]))
+        self.assertFalse(release.is_set())
+        release.set()
+        self.assertEqual(first + resp.read(), b"".join(frames))
+
+    def test_usage_is_logged_from_the_stream(self):
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            self.stream(rich_stream("claude-sonnet-4-6"))
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+        line = next(entry for entry in logs.output if "/v1/messages" in entry)
+        for part in ("POST /v1/messages", "model=claude-sonnet-4-6", "status=200", "stream", "in=30 out=40"):
+            self.assertIn(part, line)
+
+    def test_keep_alive_connection_serves_many_requests(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
+        self.addCleanup(conn.close)
+        sockets = set()
+        for payload in (SIMPLE, dict(SIMPLE, stream=True), SIMPLE):
+            conn.request("POST", "/v1/messages", json.dumps(payload), {"anthropic-version": "2023-06-01"})
+            resp = conn.getresponse()
+            resp.read()
+            self.assertEqual(resp.status, 200)
+            sockets.add(id(conn.sock))
+        self.assertEqual(len(sockets), 1)
+
+    def test_idle_client_connections_are_closed_cleanly(self):
+        proxy = self.make_proxy(client_timeout=0.3)
+        sock = socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+            data += sock.recv(65536)
+        self.assertIn(b"200 OK", data)
+        self.assertEqual(sock.recv(65536), b"")  # closed by the proxy after the idle timeout
+
+
+class ModelsRouteTests(ProxyTestCase):
+    def test_list_in_anthropic_schema(self):
+        resp = self.request("GET", "/v1/models?limit=1000", headers={"anthropic-version": "2023-06-01"})
+        data = resp.json()
+        ids = [m["id"] for m in data["data"]]
+        self.assertEqual(ids, [m.id for m in gdp.build_catalog("") if m.provider == "anthropic"])
+        self.assertTrue(all(i.startswith("claude") for i in ids))
+        self.assertFalse(data["has_more"])
+        self.assertEqual((data["first_id"], data["last_id"]), (ids[0], ids[-1]))
+        for entry in data["data"]:
+            self.assertEqual(entry["type"], "model")
+            self.assertRegex(entry["created_at"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+            self.assertTrue(entry["display_name"])
+
+    def test_pagination_parameters(self):
+        first = self.request("GET", "/v1/models?limit=2", headers={"anthropic-version": "2023-06-01"}).json()
+        self.assertTrue(first["has_more"])
+        nxt = self.request("GET", "/v1/models?limit=2&after_id=" + first["last_id"],
+                           headers={"anthropic-version": "2023-06-01"}).json()
+        self.assertNotIn(nxt["first_id"], [m["id"] for m in first["data"]])
+        back = self.request("GET", "/v1/models?limit=2&before_id=" + nxt["first_id"],
+                            headers={"anthropic-version": "2023-06-01"}).json()
+        self.assertEqual(back["data"], first["data"])
+        self.assertEqual(self.request("GET", "/v1/models?limit=0").status, 400)
+        self.assertEqual(self.request("GET", "/v1/models?limit=x").status, 400)
+
+    def test_get_one_model(self):
+        data = self.request("GET", "/v1/models/claude-sonnet-4-5").json()
+        self.assertEqual(data["id"], "claude-sonnet-4-5-20250929")
+        resp = self.request("GET", "/v1/models/claude-nope")
+        self.assertEqual((resp.status, resp.error["type"]), (404, "not_found_error"))
+
+    def test_models_override(self):
+        proxy = self.make_proxy(models="claude-opus-4-8,claude-haiku-4-5-20251001")
+        data = self.request("GET", "/v1/models", proxy=proxy).json()
+        self.assertEqual([m["id"] for m in data["data"]], ["claude-opus-4-8", "claude-haiku-4-5-20251001"])
+
+
+class StatusTests(ProxyTestCase):
+    def test_status_before_and_after_first_token(self):
+        data = self.request("GET", "/").json()
+        self.assertEqual((data["name"], data["version"]), ("gitlab-duo-proxy", gdp.__version__))
+        self.assertEqual(data["gateway_token"]["state"], "not yet fetched")
+        self.assertEqual(data["ai_gateway"], self.gateway.url + "/ai")
+        self.post("/v1/messages", SIMPLE)
+        resp = self.request("GET", "/")
+        data = resp.json()
+        self.assertEqual(data["gateway_token"]["state"], "valid")
+        self.assertEqual(data["gateway_token"]["expires_in"], 3600)
+        for secret in list(self.duo.issued) + [GITLAB_TOKEN]:
+            self.assertNotIn(secret, resp.body.decode())
+
+    def test_head(self):
+        resp = self.request("HEAD", "/")
+        self.assertEqual((resp.status, resp.body), (200, b""))
+        self.assertGreater(int(resp.headers["Content-Length"]), 0)
+
+    def test_unknown_path_is_anthropic_404(self):
+        resp = self.request("GET", "/v2/whatever")
+        self.assertEqual((resp.status, resp.error["type"]), (404, "not_found_error"))
+        self.assertTrue(resp.headers["request-id"].startswith("req_"))
+
+
+class GooseWireTests(ProxyTestCase):
+    """Goose's anthropic engine, as PROTOCOL.md §3 describes it (Goose itself cannot be run here)."""
+
+    def test_goose_session(self):
+        host = "/v1"  # a user who put /v1 at the end of ANTHROPIC_HOST
+        models = self.request("GET", host + "/v1/models", headers={"x-api-key": "unused"}).json()
+        self.assertIn("claude-sonnet-4-6", [m["id"] for m in models["data"]])
+        frames = rich_stream("claude-sonnet-4-6")
+        self.gateway.script = [lambda h, r: h.send_stream(frames)]
+        resp = self.request("POST", host + "/v1/messages", json.dumps({
+            "model": "claude-sonnet-4-6", "max_tokens": 4096, "stream": True, "system": "You are Goose",
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object"}}]}),
+            {"x-api-key": "unused", "anthropic-version": "2023-06-01", "content-type": "application/json"})
+        self.assertEqual(resp.status, 200)
+        # Goose reads only data: lines and stops at message_stop.
+        types = []
+        for line in resp.body.decode().splitlines():
+            if line.startswith("data: "):
+                types.append(json.loads(line[6:])["type"])
+                if types[-1] == "message_stop":
+                    break
+        self.assertEqual(types[0], "message_start")
+        self.assertEqual(types[-1], "message_stop")
+        self.assertEqual(self.gateway_calls()[-1].path, "/ai/v1/proxy/anthropic/v1/messages")
+        self.assertNotIn("x-api-key", {k.lower() for k in self.gateway_calls()[-1].headers.keys()})
+
+
+# --- faults -----------------------------------------------------------------------------
+
+def overloaded(h, r):
+    h.send_json(529, {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+
+
+def ok_message(h, r):
+    h.send_json(200, message_json(r.json()["model"]))
+
+
+class RetryTests(ProxyTestCase):
+    def test_retryable_statuses_are_retried_then_succeed(self):
+        for status_script in (overloaded, lambda h, r: h.send_json(503, {"detail": "unavailable"}),
+                              lambda h, r: h.send_json(429, {"type": "error", "error": {
+                                  "type": "rate_limit_error", "message": "slow down"}}),
+                              lambda h, r: h.send_json(408, {"detail": "timeout"})):
+            self.gateway.requests.clear()
+            self.gateway.script = [status_script, status_script, ok_message]
+            resp = self.post("/v1/messages", SIMPLE)
+            self.assertEqual(resp.status, 200, resp.body)
+            self.assertEqual(len(self.gateway_calls()), 3)
+
+    def test_last_error_goes_to_the_client_with_retry_headers(self):
+        self.gateway.script = [overloaded] * 3
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 529)
+        self.assertEqual(resp.error, {"type": "overloaded_error", "message": "Overloaded"})
+        self.assertEqual(resp.headers["x-should-retry"], "true")
+        self.assertGreaterEqual(int(resp.headers["retry-after"]), 1)
+        self.assertEqual(len(self.gateway_calls()), 3)
+
+    def test_other_4xx_are_never_retried(self):
+        for status in (400, 401, 403, 404, 413):
+            self.gateway.requests.clear()
+            self.gateway.script = [lambda h, r, s=status: h.send_json(s, {"detail": "no"})] * 2
+            self.post("/v1/messages", SIMPLE)
+            self.assertEqual(len(self.gateway_calls()), 2 if status == 401 else 1, status)
+
+    def test_retry_after_is_honoured(self):
+        self.gateway.script = [lambda h, r: h.send_json(503, {"detail": "busy"}, [("retry-after", "0.25")]), ok_message]
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.assertTrue(any("retry 1 in 0.25s" in line for line in logs.output), logs.output)
+
+    def test_connection_errors_are_retried_with_bounded_attempts(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proxy = self.make_proxy(gateway_url="http://127.0.0.1:%d" % port, retries=3)
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertEqual(resp.status, 502)
+        self.assertEqual(resp.headers["x-should-retry"], "true")
+        self.assertEqual(sum("retry" in line and "refused" in line for line in logs.output), 3)
+
+    def test_total_retry_time_is_bounded(self):
+        proxy = self.make_proxy(retries=10, retry_base_delay=0.2, retry_max_seconds=0.5)
+        self.gateway.script = [overloaded] * 10
+        resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertEqual(resp.status, 529)
+        self.assertLess(len(self.gateway_calls()), 5)
+
+    def test_backoff_grows_with_jitter(self):
+        delays = [gdp.backoff_delay(n, 0.5, rng=lambda: 1.0) for n in range(6)]
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 4.0, 8.0, 8.0])
+        self.assertEqual(gdp.backoff_delay(1, 0.5, rng=lambda: 0.0), 0.5)
+
+
+def stream_then(frames, failure):
+    """A script: send frames, then fail in one of the ways a network fails."""
+    def script(h, r):
+        h.send_stream(frames, end=False)
+        failure(h)
+    return script
+
+
+def truncated_chunk(h):
+    h.wfile.write(b"64\r\nevent: content_block_delta\ndata: {\"ty")
+    h.wfile.flush()
+    h.close_connection = True
+    h.connection.shutdown(socket.SHUT_RDWR)
+
+
+class MidStreamFailureTests(ProxyTestCase):
+    def assert_error_frame(self, resp, fragment):
+        self.assertEqual(resp.status, 200)
+        events = parse_sse(resp.body)
+        self.assertEqual(events[-1][0], "error")
+        self.assertEqual(events[-1][1]["type"], "error")
+        self.assertIn(events[-1][1]["error"]["type"], ("api_error", "overloaded_error"))
+        self.assertIn(fragment, events[-1][1]["error"]["message"])
+        self.assertEqual([e for e, _ in events[:3]], ["message_start", "content_block_start", "ping"])
+        self.assertEqual(len(self.gateway_calls()), 1)  # never retried once bytes went out
+
+    def cut_stream(self, script, proxy=None):
+        self.gateway.script = [script]
+        with self.assertLogs("gitlab_duo_proxy", "WARNING") as logs:
+            resp = self.post("/v1/messages", dict(SIMPLE, stream=True), proxy=proxy)
+        self.assertIn("cut:", logs.output[0])
+        return resp
+
+    def test_reset(self):
+        resp = self.cut_stream(stream_then(text_stream("claude-sonnet-4-6")[:3], FakeHandler.reset))
+        self.assert_error_frame(resp, "broke mid-stream")
+
+    def test_truncated_chunk(self):
+        resp = self.cut_stream(stream_then(text_stream("claude-sonnet-4-6")[:3], truncated_chunk))
+        self.assert_error_frame(resp, "broke mid-stream")
+        self.assertNotIn(b'{"ty\n', resp.body)  # the torn frame never reached the client
+
+    def test_read_timeout(self):
+        proxy = self.make_proxy(stream_idle_timeout=0.3)
+        never = threading.Event()
+        self.addCleanup(never.set)
+        resp = self.cut_stream(lambda h, r: h.send_stream(text_stream("m"), gates={3: never}), proxy)
+        self.assert_error_frame(resp, "sent nothing for 0.3 s")
+
+    def test_clean_close_without_message_stop(self):
+        resp = self.cut_stream(lambda h, r: h.send_stream(text_stream("m")[:4]))
+        self.assert_error_frame(resp, "before it was complete")
+
+    def test_upstream_error_frame_passes_through(self):
+        frames = text_stream("m")[:3] + [sse("error", {"type": "error", "error": {
+            "type": "overloaded_error", "message": "Overloaded"}})]
+        self.gateway.script = [lambda h, r: h.send_stream(frames)]
+        resp = self.post("/v1/messages", dict(SIMPLE, stream=True))
+        self.assertEqual(resp.body, b"".join(frames))
+
+
+def fd_count():
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+class ClientDisconnectTests(ProxyTestCase):
+    def start_stream(self):
+        sock = socket.create_connection(("127.0.0.1", self.proxy.server_address[1]), timeout=10)
+        body = json.dumps(dict(SIMPLE, stream=True)).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        data = b""
+        while b"message_start" not in data:
+            data += sock.recv(65536)
+        return sock
+
+    def stalling_script(self, upstream_closed):
+        """Send the start of a stream, then stay silent until the proxy hangs up."""
+        def script(h, r):
+            h.send_stream(text_stream("m")[:3], end=False)
+            h.wfile.flush()
+            if h.connection.recv(1) == b"":
+                upstream_closed.set()
+            h.close_connection = True
+        return script
+
+    def test_upstream_closed_promptly_even_when_silent(self):
+        upstream_closed = threading.Event()
+        self.gateway.script = [self.stalling_script(upstream_closed)]
+        sock = self.start_stream()
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            sock.close()
+            self.assertTrue(upstream_closed.wait(5))
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+        self.assertEqual([r.levelname for r in logs.records], ["INFO"])
+        self.assertIn("status=200", logs.output[0])
+        self.assertIn("client closed the connection", logs.output[0])
+
+    def test_hundred_abandoned_streams_leave_nothing_behind(self):
+        self.post("/v1/messages", SIMPLE)  # warm up: token fetched, watcher thread started
+        self.gateway.script = [self.stalling_script(threading.Event()) for _ in range(101)]
+        self.start_stream().close()
+        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        threads, fds = threading.active_count(), fd_count()
+        for _ in range(100):
+            self.start_stream().close()
+        self.assertTrue(self.proxy.inflight.wait_idle(10))
+        deadline = time.monotonic() + 10
+        while (threading.active_count() > threads or fd_count() > fds) and time.monotonic() < deadline:
+            self.proxy.inflight.wait_idle(0.05)  # handler threads finish just after their request
+        self.assertLessEqual(threading.active_count(), threads)
+        self.assertLessEqual(fd_count(), fds)
+
+
+class TokenFaultTests(ProxyTestCase):
+    config_overrides = {"token_timeout": 0.3}
+
+    def test_gitlab_unreachable_fails_fast_with_502(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proxy = self.make_proxy(instance_url="http://127.0.0.1:%d" % port)
+        resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertEqual(resp.status, 502)
+        self.assertIn("cannot reach GitLab", resp.error["message"])
+        self.assertIn("127.0.0.1:%d" % port, resp.error["message"])
+
+    def test_slow_gitlab_gives_503_and_nothing_is_cached(self):
+        self.gitlab.gate = threading.Event()
+        self.addCleanup(self.gitlab.gate.set)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(self.post("/v1/messages", SIMPLE)))
+                   for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        self.assertEqual({r.status for r in results}, {503})
+        self.assertIn("did not answer the token exchange within 0.3 s", results[0].error["message"])
+        self.assertEqual(self.gitlab.max_active, 1)
+        self.gitlab.gate.set()
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+
+
+# --- shutdown ---------------------------------------------------------------------------
+
+@unittest.skipIf(os.name != "posix", "signals are POSIX; Ctrl-C on Windows takes the same path")
+class ShutdownTests(ProxyTestCase):
+    def start_process(self, grace="5"):
+        environ = dict(os.environ, GITLAB_TOKEN=GITLAB_TOKEN, GITLAB_INSTANCE_URL=self.gitlab.url,
+                       GITLAB_AI_GATEWAY_URL=self.gateway.url, PORT="0", SHUTDOWN_GRACE=grace)
+        proc, port = spawn_proxy(self, [], environ)
+        return proc, port
+
+    def test_sigterm_lets_streams_finish_then_exits_zero(self):
+        import signal
+        release = threading.Event()
+        self.addCleanup(release.set)
+        frames = text_stream("claude-sonnet-4-6")
+        self.gateway.script = [lambda h, r: h.send_stream(frames, gates={4: release})]
+        proc, port = self.start_process()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/messages", json.dumps(dict(SIMPLE, stream=True)),
+                     {"anthropic-version": "2023-06-01"})
+        resp = conn.getresponse()
+        head = resp.read1(65536)
+        proc.send_signal(signal.SIGTERM)
+        for _ in range(100):  # the listening socket closes within a poll interval
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            except OSError:
+                break
+            release.wait(0.05)
+        else:
+            self.fail("still accepting connections after SIGTERM")
+        release.set()
+        self.assertEqual(head + resp.read(), b"".join(frames))
+        self.assertEqual(proc.wait(10), 0)
+
+    def test_grace_period_is_bounded(self):
+        import signal
+        never = threading.Event()
+        self.addCleanup(never.set)
+        self.gateway.script = [lambda h, r: h.send_stream(text_stream("m"), gates={4: never})]
+        proc, port = self.start_process(grace="0.5")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/messages", json.dumps(dict(SIMPLE, stream=True)),
+                     {"anthropic-version": "2023-06-01"})
+        conn.getresponse().read1(65536)
+        proc.send_signal(signal.SIGINT)
+        self.assertEqual(proc.wait(10), 0)
+        self.assertIn(b"still running after 0.5s", proc.stderr.read())
+
+
+# --- bad input --------------------------------------------------------------------------
+
+def raw_exchange(port, data, shut=True, timeout=5):
+    """Send raw bytes, half-close, read everything the proxy answers."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        if shut:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        sock.close()
+
+
+def parse_raw(data):
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
+    return status, head.decode("latin-1"), body
+
+
+class BadInputTests(ProxyTestCase):
+    config_overrides = {"max_body": 4096}
+
+    def check(self, resp, status, fragment, error_type=None):
+        self.assertEqual(resp.status, status, resp.body)
+        self.assertIn(fragment, resp.error["message"])
+        if error_type:
+            self.assertEqual(resp.error["type"], error_type)
+        self.assertEqual(self.request("GET", "/").status, 200)
+
+    def test_malformed_json(self):
+        self.check(self.post("/v1/messages", b'{"model": '), 400, "not valid JSON", "invalid_request_error")
+
+    def test_json_that_is_not_an_object(self):
+        self.check(self.post("/v1/messages", b'["model"]'), 400, "must be a JSON object")
+        self.check(self.post("/v1/messages", b'"hi"'), 400, "not a string")
+
+    def test_ill_typed_model_and_messages_reach_upstream_and_come_back_clearly(self):
+        self.check(self.post("/v1/messages", {"model": 5, "messages": "x"}), 400, "needs a \"model\" string")
+        resp = self.post("/v1/messages", {"model": ["a"], "max_tokens": 5})
+        self.assertEqual(resp.status, 400)
+
+    def test_body_over_the_limit_is_refused_unread(self):
+        data = raw_exchange(self.proxy.server_address[1],
+                            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 50000000\r\n\r\n", shut=False)
+        status, head, body = parse_raw(data)
+        self.assertEqual(status, 413)
+        self.assertIn("Connection: close", head)
+        self.assertEqual(json.loads(body)["error"]["type"], "request_too_large")
+        self.assertEqual(self.gateway_calls(), [])
+
+    def test_chunked_body_over_the_limit(self):
+        payload = b"2000\r\n" + b"x" * 0x2000 + b"\r\n0\r\n\r\n"
+        data = raw_exchange(self.proxy.server_address[1], b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n" + payload)
+        self.assertEqual(parse_raw(data)[0], 413)
+
+    def test_chunked_request_bodies_are_accepted(self):
+        body = json.dumps(SIMPLE).encode()
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 10]), body[i:i + 10]) for i in range(0, len(body), 10))
+        data = raw_exchange(self.proxy.server_address[1], b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+                            b"anthropic-version: 2023-06-01\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            + chunks + b"0\r\nX-Trailer: 1\r\n\r\n")
+        status, _, _ = parse_raw(data)
+        self.assertEqual(status, 200)
+        self.assertEqual(self.gateway_calls()[0].body, body)
+
+    def test_missing_and_wrong_content_length(self):
+        status, _, body = parse_raw(raw_exchange(self.proxy.server_address[1],
+                                                 b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertEqual(status, 411)
+        self.assertIn("Content-Length", json.loads(body)["error"]["message"])
+        for value in (b"abc", b"-1", b"1, 2"):
+            status, _, _ = parse_raw(raw_exchange(self.proxy.server_address[1], b"POST /v1/messages HTTP/1.1\r\n"
+                                                  b"Host: x\r\nContent-Length: " + value + b"\r\n\r\n{}"))
+            self.assertEqual(status, 400, value)
+        # Longer than what arrives: the proxy notices the client's end and frees the thread.
+        self.assertEqual(raw_exchange(self.proxy.server_address[1], b"POST /v1/messages HTTP/1.1\r\n"
+                                      b"Host: x\r\nContent-Length: 100\r\n\r\n{}"), b"")
+        self.assertTrue(self.proxy.inflight.wait_idle(5))
+
+    def test_unsupported_methods(self):
+        for method in ("PUT", "DELETE", "PATCH"):
+            resp = self.request(method, "/v1/messages", b"{}")
+            self.assertEqual(resp.status, 405, method)
+            self.assertEqual(resp.headers["Allow"], "POST")
+        status, _, body = parse_raw(raw_exchange(self.proxy.server_address[1], b"BREW / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertEqual(status, 405)
+        self.assertEqual(json.loads(body)["type"], "error")
+        status, _, _ = parse_raw(raw_exchange(self.proxy.server_address[1],
+                                              b"CONNECT gitlab.com:443 HTTP/1.1\r\nHost: gitlab.com\r\n\r\n"))
+        self.assertEqual(status, 405)
+
+    def test_very_long_urls_and_headers(self):
+        status, _, body = parse_raw(raw_exchange(self.proxy.server_address[1],
+                                                 b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"))
+        self.assertEqual(status, 414)
+        self.assertEqual(json.loads(body)["error"]["type"], "invalid_request_error")
+        status, _, _ = parse_raw(raw_exchange(self.proxy.server_address[1],
+                                              b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 70000 + b"\r\n\r\n"))
+        self.assertEqual(status, 431)
+        status, _, _ = parse_raw(raw_exchange(self.proxy.server_address[1], b"GET / HTTP/1.1\r\n"
+                                              + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n"))
+        self.assertEqual(status, 431)
+
+    def test_non_utf8_bytes(self):
+        self.check(self.post("/v1/messages", b'{"model": "\xff\xfe"}'), 400, "not valid UTF-8")
+        status, _, body = parse_raw(raw_exchange(self.proxy.server_address[1],
+                                                 b"GET /\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertEqual(status, 404)
+        json.loads(body)
+
+    def test_header_injection_in_echoed_values(self):
+        self.gateway.script = [lambda h, r: h.send_json(200, message_json("m"), [
+            ("x-request-id", "abc\x0b<script>\"x\"def"), ("Set-Cookie", "session=1"),
+            ("Server", "gateway/1.0"), ("anthropic-ratelimit-requests-remaining", "9")])]
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.headers["request-id"], "abcscriptxdef")
+        self.assertIsNone(resp.headers.get("Set-Cookie"))
+        self.assertNotIn("gateway", resp.headers.get("Server"))
+        self.assertEqual(resp.headers["anthropic-ratelimit-requests-remaining"], "9")
+        data = raw_exchange(self.proxy.server_address[1], b"GET /x%0d%0aSet-Cookie:%20a=b HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, head, _ = parse_raw(data)
+        self.assertEqual(status, 404)
+        self.assertNotIn("Set-Cookie", head)
+
+    def test_slow_loris_client_is_dropped(self):
+        proxy = self.make_proxy(client_timeout=0.3)
+        threads = threading.active_count()
+        sock = socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-")
+        self.assertEqual(sock.recv(65536), b"")  # the proxy gave up on us
+        deadline = time.monotonic() + 5
+        while threading.active_count() > threads and time.monotonic() < deadline:
+            proxy.inflight.wait_idle(0.05)
+        self.assertLessEqual(threading.active_count(), threads)
+
+
+class FuzzTests(ProxyTestCase):
+    """A few thousand generated malformed requests; the proxy must answer each sanely."""
+
+    config_overrides = {"max_body": 2048, "client_timeout": 2.0}
+    PIECES = [b"GET", b"POST", b"HEAD", b"OPTIONS", b"\x00", b" ", b"/", b"/v1/messages", b"/v1/models/",
+              b"?beta=true", b"%00", b"%0d%0a", b"HTTP/1.1", b"HTTP/1.0", b"HTTP/9.9", b"\r\n", b"\n",
+              b"Content-Length: ", b"Transfer-Encoding: chunked", b"Content-Length: 5", b"x-api-key: \r\n",
+              b"anthropic-beta: \xff", b"{", b"}", b'"model"', b":", b"\xc3\x28", b"0\r\n\r\n", b"ffffffff\r\n",
+              b"Expect: 100-continue", b"Host: \x7f", b":", b"a" * 300, b"\t"]
+
+    def generate(self, rng):
+        if rng.random() < 0.5:
+            return b"".join(rng.choice(self.PIECES) for _ in range(rng.randint(1, 25)))
+        body = rng.choice([b"{}", b'{"model":"sonnet","messages":[]}', b"[", b"\xff" * 5, b"x" * 3000,
+                           json.dumps({"model": rng.random()}).encode()])
+        length = rng.choice([len(body), 0, len(body) + 1, max(0, len(body) - 1)])
+        path = rng.choice([b"/v1/messages", b"/v1/v1/messages?beta=true", b"/v1/messages/count_tokens",
+                           b"/v1/models?limit=" + str(rng.randint(-5, 2000)).encode(), b"/", b"/x"])
+        return (rng.choice([b"POST ", b"GET ", b"PUT "]) + path + b" HTTP/1.1\r\nHost: x\r\n"
+                b"anthropic-version: 2023-06-01\r\nContent-Length: " + str(length).encode() + b"\r\n\r\n" + body)
+
+    def test_fuzz(self):
+        rng = random.Random(20261122)
+        port = self.proxy.server_address[1]
+        for _ in range(2500):
+            data = raw_exchange(port, self.generate(rng), timeout=10)
+            if not data:
+                continue  # the request never completed: closing is the right answer
+            self.assertTrue(data.startswith(b"HTTP/1.1 "), data[:100])
+            status, head, body = parse_raw(data)
+            self.assertLess(status, 500, data[:300])
+            if status >= 400 and b"Content-Length: 0" not in head.encode():
+                self.assertEqual(json.loads(body.split(b"HTTP/1.1 ")[0])["type"], "error")
+        self.assertEqual(self.request("GET", "/").status, 200)
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+
+
+# --- security ---------------------------------------------------------------------------
+
+class ApiKeyTests(ProxyTestCase):
+    config_overrides = {"api_key": PROXY_KEY}
+
+    def test_every_route_but_status_needs_the_key(self):
+        for method, path in (("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"),
+                             ("GET", "/v1/models"), ("GET", "/v1/models/sonnet"), ("GET", "/stats")):
+            resp = self.request(method, path, b"{}" if method == "POST" else None)
+            self.assertEqual((resp.status, resp.error["type"]), (401, "authentication_error"), path)
+            self.assertIn("PROXY_API_KEY", resp.error["message"])
+            resp = self.request(method, path, None, {"x-api-key": "wrong"})
+            self.assertEqual(resp.status, 401)
+        self.assertEqual(self.request("GET", "/").status, 200)
+        self.assertEqual(self.request("HEAD", "/").status, 200)
+        self.assertEqual(self.gateway_calls(), [])
+
+    def test_key_as_x_api_key_or_bearer(self):
+        self.assertEqual(self.post("/v1/messages", SIMPLE, {"x-api-key": PROXY_KEY}).status, 200)
+        self.assertEqual(self.post("/v1/messages", SIMPLE, {"Authorization": "Bearer " + PROXY_KEY}).status, 200)
+        self.assertNotIn(PROXY_KEY, json.dumps({k: v for k, v in self.gateway_calls()[0].headers.items()}))
+
+    def test_comparison_is_constant_time(self):
+        import inspect
+        self.assertIn("hmac.compare_digest", inspect.getsource(gdp.ProxyHandler.authorize))
+
+
+class BindTests(unittest.TestCase):
+    def test_non_loopback_without_key_refuses_to_start(self):
+        with self.assertRaises(gdp.ConfigError) as caught:
+            gdp.load_config(["--host", "0.0.0.0"], {"GITLAB_TOKEN": "t"}, cwd=tempfile.gettempdir())
+        self.assertIn("spend your Duo seat", str(caught.exception))
+        for argv, env in ((["--host", "0.0.0.0", "--allow-unauthenticated"], {}),
+                          (["--host", "0.0.0.0"], {"PROXY_API_KEY": "k"}),
+                          (["--host", "::1"], {}), (["--host", "localhost"], {})):
+            env["GITLAB_TOKEN"] = "t"
+            gdp.load_config(argv, env, cwd=tempfile.gettempdir())
+
+    def test_allow_unauthenticated_warns_about_the_risk(self):
+        proc, _ = spawn_proxy(self, ["--host", "0.0.0.0", "--allow-unauthenticated"],
+                              dict(os.environ, GITLAB_TOKEN="t", PORT="0"))
+        warning = proc.stderr.readline().decode()
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+        self.assertIn("WITHOUT a proxy API key", warning)
+        self.assertIn("Duo seat", warning)
+
+
+def spawn_proxy(testcase, argv, environ):
+    """Start the program as a process; (process, port) once it listens."""
+    env_file = tempfile.NamedTemporaryFile("w", suffix=".env", delete=False)
+    env_file.close()
+    testcase.addCleanup(os.remove, env_file.name)
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "gitlab_duo_proxy.py"), "--env-file",
+                             env_file.name] + argv, env=environ, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    testcase.addCleanup(proc.stderr.close)
+    testcase.addCleanup(lambda: proc.poll() is None and proc.kill())
+    line = proc.stderr.readline().decode()
+    match = re.search(r"listening on https?://[^ ]+:(\d+) ", line)
+    testcase.assertIsNotNone(match, line)
+    return proc, int(match.group(1))
+
+
+class OpenProxyTests(ProxyTestCase):
+    def test_clients_cannot_choose_upstream_host_path_or_method(self):
+        status, _, _ = parse_raw(raw_exchange(self.proxy.server_address[1],
+                                              b"GET http://evil.example/ HTTP/1.1\r\nHost: evil.example\r\n\r\n"))
+        self.assertEqual(status, 404)
+        for path in ("/v1/proxy/anthropic/v1/messages", "/ai/v1/proxy/anthropic/v1/messages",
+                     "/v1/messages/../../admin", "/api/v4/user"):
+            self.assertEqual(self.post(path, SIMPLE).status, 404, path)
+        self.assertEqual(self.request("GET", "/v1/messages").status, 405)
+        self.assertEqual(self.gateway_calls(), [])
+
+    def test_no_cors_headers_unless_configured(self):
+        resp = self.request("GET", "/", headers={"Origin": "https://evil.example"})
+        self.assertIsNone(resp.headers.get("Access-Control-Allow-Origin"))
+        proxy = self.make_proxy(cors_origins="https://app.example")
+        resp = self.request("OPTIONS", "/v1/messages", headers={"Origin": "https://app.example"}, proxy=proxy)
+        self.assertEqual(resp.status, 204)
+        self.assertEqual(resp.headers["Access-Control-Allow-Origin"], "https://app.example")
+        resp = self.request("GET", "/", headers={"Origin": "https://evil.example"}, proxy=proxy)
+        self.assertIsNone(resp.headers.get("Access-Control-Allow-Origin"))
+
+
+class SecretTests(ProxyTestCase):
+    config_overrides = {"debug": True, "api_key": PROXY_KEY}
+
+    def secrets(self):
+        return [GITLAB_TOKEN, PROXY_KEY] + list(self.duo.issued)
+
+    def test_no_secret_in_a_debug_session_covering_every_path(self):
+        auth = {"x-api-key": PROXY_KEY}
+        with self.assertLogs("gitlab_duo_proxy", "DEBUG") as logs:
+            self.post("/v1/messages", SIMPLE, auth)                      # exchange
+            self.post("/v1/messages", dict(SIMPLE, stream=True), auth)   # stream
+            self.duo.revoke_all()
+            self.post("/v1/messages", SIMPLE, auth)                      # 401, refresh, replay
+            self.gateway.script = [lambda h, r: h.send_json(401, {"error": "Forbidden by auth provider"})] * 2
+            self.post("/v1/messages", SIMPLE, auth)                      # second 401
+            self.gateway.script = [overloaded] * 3
+            self.post("/v1/messages", SIMPLE, auth)                      # retries, upstream error
+            self.post("/v1/messages", SIMPLE, {"Authorization": "Bearer " + PROXY_KEY + "x"})  # bad key
+            self.gitlab.script = [lambda h: h.send_json(401, {"message": "401 Unauthorized"})]
+            self.clock.advance(7200)
+            self.post("/v1/messages", SIMPLE, auth)                      # token endpoint error
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+        text = "\n".join(logs.output)
+        self.assertIn("[redacted]", text)
+        self.assertIn("token-refreshed", text)
+        for secret in self.secrets():
+            self.assertNotIn(secret, text)
+            self.assertNotIn(secret[-12:], text)
+
+    def test_internal_errors_are_logged_redacted_and_answered_generically(self):
+        class Broken(gdp.ProxyHandler):
+            def route_list_models(self, query):
+                raise RuntimeError("boom with " + GITLAB_TOKEN + " and " + PROXY_KEY)
+        proxy = start_server(self, gdp.ProxyServer(base_config(api_key=PROXY_KEY, instance_url=self.gitlab.url,
+                                                               gateway_url=self.gateway.url), handler_class=Broken))
+        with self.assertLogs("gitlab_duo_proxy", "DEBUG") as logs:
+            resp = self.request("GET", "/v1/models", headers={"x-api-key": PROXY_KEY}, proxy=proxy)
+        self.assertEqual((resp.status, resp.error["type"]), (500, "api_error"))
+        self.assertIn("internal proxy error", resp.error["message"])
+        text = "\n".join(logs.output) + resp.body.decode()
+        self.assertIn("RuntimeError", text)
+        for secret in (GITLAB_TOKEN, PROXY_KEY):
+            self.assertNotIn(secret, text)
+
+    def test_env_file_readable_by_others_warns_once(self):
+        if os.name != "posix":
+            self.skipTest("POSIX permissions")
+        tmp = tempfile.mkdtemp()
+        path = os.path.join(tmp, ".env")
+        with open(path, "w") as fh:
+            fh.write("GITLAB_TOKEN=%s\n" % GITLAB_TOKEN)
+        self.addCleanup(os.remove, path)
+        os.chmod(path, 0o644)
+        _, _, warnings = gdp.load_config([], {}, cwd=tmp)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("chmod 600", warnings[0])
+        self.assertNotIn(GITLAB_TOKEN, warnings[0])
+        os.chmod(path, 0o600)
+        self.assertEqual(gdp.load_config([], {}, cwd=tmp)[2], [])
