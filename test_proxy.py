@@ -6,6 +6,7 @@ Run: python3 -m unittest -v        (the suite also passes under python3 -S -m un
 import contextlib
 import http.client
 import http.server
+import io
 import json
 import logging
 import os
@@ -25,6 +26,103 @@ import gitlab_duo_proxy as gdp
 GITLAB_TOKEN = "glpat-TESTSECRET0123456789abcd"
 PROXY_KEY = "proxy-key-SECRET-4242"
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- a self-signed certificate, made here (the stdlib cannot make one) -------------------
+
+def _der(tag, content):
+    n = len(content)
+    length = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + content
+
+
+def _der_int(n):
+    return _der(0x02, n.to_bytes(n.bit_length() // 8 + 1, "big"))
+
+
+def _der_seq(*items):
+    return _der(0x30, b"".join(items))
+
+
+def _der_oid(dotted):
+    parts = [int(p) for p in dotted.split(".")]
+    body = bytes([40 * parts[0] + parts[1]])
+    for part in parts[2:]:
+        chunk = [part & 0x7F]
+        while part > 0x7F:
+            part >>= 7
+            chunk.append(0x80 | (part & 0x7F))
+        body += bytes(reversed(chunk))
+    return _der(0x06, body)
+
+
+def _probable_prime(bits, rng):
+    small = [p for p in range(3, 2000, 2) if all(p % q for q in range(3, int(p ** 0.5) + 1, 2))]
+    while True:
+        n = rng.getrandbits(bits) | (3 << (bits - 2)) | 1
+        if any(n % p == 0 for p in small):
+            continue
+        d, r = n - 1, 0
+        while d % 2 == 0:
+            d, r = d // 2, r + 1
+        for _ in range(24):
+            x = pow(rng.randrange(2, n - 2), d, n)
+            if x in (1, n - 1):
+                continue
+            for _ in range(r - 1):
+                x = pow(x, 2, n)
+                if x == n - 1:
+                    break
+            else:
+                break
+        else:
+            return n
+
+
+def make_self_signed_cert(directory, name="127.0.0.1"):
+    """(cert path, key path): an RSA-2048 certificate for 127.0.0.1 and localhost."""
+    import base64
+    import hashlib
+    rng, e = random.SystemRandom(), 65537
+    while True:
+        p, q = _probable_prime(1024, rng), _probable_prime(1024, rng)
+        phi = (p - 1) * (q - 1)
+        if p != q and phi % e:
+            break
+    n, d = p * q, pow(e, -1, phi)
+    alg = _der_seq(_der_oid("1.2.840.113549.1.1.11"), b"\x05\x00")
+    public = _der_seq(_der_int(n), _der_int(e))
+    key_id = hashlib.sha1(public).digest()
+    subject = _der_seq(_der(0x31, _der_seq(_der_oid("2.5.4.3"), _der(0x0C, name.encode()))))
+    ext = lambda oid, value, critical=False: _der_seq(_der_oid(oid), *([b"\x01\x01\xff"] if critical else []),  # noqa: E731
+                                                      _der(0x04, value))
+    extensions = _der_seq(
+        ext("2.5.29.19", _der_seq(b"\x01\x01\xff"), critical=True),
+        ext("2.5.29.15", _der(0x03, b"\x02\xa4"), critical=True),
+        ext("2.5.29.17", _der_seq(_der(0x87, bytes([127, 0, 0, 1])), _der(0x82, b"localhost"))),
+        ext("2.5.29.14", _der(0x04, key_id)),
+        ext("2.5.29.35", _der_seq(_der(0x80, key_id))))
+    tbs = _der_seq(_der(0xA0, _der_int(2)), _der_int(rng.getrandbits(63)), alg, subject,
+                   _der_seq(_der(0x17, b"250101000000Z"), _der(0x18, b"20991231235959Z")), subject,
+                   _der_seq(_der_seq(_der_oid("1.2.840.113549.1.1.1"), b"\x05\x00"), _der(0x03, b"\x00" + public)),
+                   _der(0xA3, extensions))
+    digest_info = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(tbs).digest()
+    k = (n.bit_length() + 7) // 8
+    em = b"\x00\x01" + b"\xff" * (k - 3 - len(digest_info)) + b"\x00" + digest_info
+    signature = pow(int.from_bytes(em, "big"), d, n).to_bytes(k, "big")
+    cert = _der_seq(tbs, alg, _der(0x03, b"\x00" + signature))
+    key = _der_seq(_der_int(0), _der_int(n), _der_int(e), _der_int(d), _der_int(p), _der_int(q),
+                   _der_int(d % (p - 1)), _der_int(d % (q - 1)), _der_int(pow(q, -1, p)))
+
+    def pem(label, der):
+        text = base64.b64encode(der).decode()
+        lines = [text[i:i + 64] for i in range(0, len(text), 64)]
+        return "-----BEGIN %s-----\n%s\n-----END %s-----\n" % (label, "\n".join(lines), label)
+    paths = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    for path, text in zip(paths, (pem("CERTIFICATE", cert), pem("RSA PRIVATE KEY", key))):
+        with open(path, "w") as fh:
+            fh.write(text)
+    return paths
 
 
 # --- test plumbing ----------------------------------------------------------------------
@@ -672,7 +770,8 @@ class HelperTests(unittest.TestCase):
                            ("anthropic-beta", "b"), ("Cookie", "c=1"), ("Connection", "keep-alive"),
                            ("x-stainless-os", "Linux")):
             client[key] = value
-        headers = gdp.gateway_headers(client, {"x-gitlab-realm": "saas"}, "gw", 10)
+        headers = gdp.token_headers("gw", {"x-gitlab-realm": "saas"})
+        headers.update(gdp.request_headers(client, 10))
         lowered = {k.lower(): v for k, v in headers.items()}
         self.assertEqual(lowered["authorization"], "Bearer gw")
         self.assertEqual(lowered["anthropic-beta"], "a,b")
@@ -1750,3 +1849,213 @@ class SecretTests(ProxyTestCase):
         self.assertNotIn(GITLAB_TOKEN, warnings[0])
         os.chmod(path, 0o600)
         self.assertEqual(gdp.load_config([], {}, cwd=tmp)[2], [])
+
+
+# --- upstream connections ---------------------------------------------------------------
+
+class CombinedHandler(FakeGatewayHandler):
+    """GitLab and its gateway on one host, as with a self-managed instance."""
+
+    def do_POST(self):
+        if self.path.startswith("/api/"):
+            return FakeGitLabHandler.do_POST(self)
+        return FakeGatewayHandler.do_POST(self)
+
+
+class FakeTLSCombined(FakeGateway):
+    def __init__(self, state, cert, key):
+        super().__init__(state)
+        self.RequestHandlerClass = CombinedHandler
+        self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.tls.load_cert_chain(cert, key)
+
+
+class Cert:
+    """One certificate for the whole run: RSA key generation takes a moment."""
+
+    paths = None
+
+    @classmethod
+    def get(cls):
+        if cls.paths is None:
+            cls.paths = make_self_signed_cert(tempfile.mkdtemp())
+        return cls.paths
+
+
+class PoolTests(ProxyTestCase):
+    def test_hundred_sequential_requests_reuse_one_connection(self):
+        for _ in range(100):
+            self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.assertLessEqual(self.gateway.connections, 2)
+        self.assertEqual(sum(self.proxy.pool.opened.values()), 2)  # gateway + GitLab
+
+    def test_tls_handshakes_are_few_and_shared_with_the_token_endpoint(self):
+        cert, key = Cert.get()
+        server = start_server(self, FakeTLSCombined(self.duo, cert, key))
+        proxy = self.make_proxy(instance_url=server.url, gateway_url=server.url, ca_bundle=cert)
+        for _ in range(100):
+            self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        self.assertLessEqual(server.connections, 2)
+        self.assertEqual(len([r for r in server.requests if r.path == gdp.DIRECT_ACCESS_PATH]), 1)
+
+    def test_clients_hanging_up_after_a_stream_leave_the_pooled_connection_alone(self):
+        for _ in range(30):
+            self.assertEqual(self.post("/v1/messages", dict(SIMPLE, stream=True)).status, 200)
+        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        self.assertLessEqual(self.gateway.connections, 2)
+        self.assertEqual(len(self.gateway_calls()), 30)
+
+    def test_untrusted_certificate_is_explained(self):
+        cert, key = Cert.get()
+        server = start_server(self, FakeTLSCombined(self.duo, cert, key))
+        proxy = self.make_proxy(instance_url=server.url, gateway_url=server.url)
+        resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertEqual(resp.status, 502)
+        self.assertIn("not trusted", resp.error["message"])
+        self.assertIn("GITLAB_CA_BUNDLE", resp.error["message"])
+
+    def test_dead_pooled_connection_is_replaced_once(self):
+        def close_without_answer(h, r):
+            h.close_connection = True
+            h.connection.shutdown(socket.SHUT_RDWR)
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.gateway.script = [close_without_answer]
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(len(self.gateway_calls()), 3)
+        # A fresh connection that dies is an upstream failure, not retried as stale.
+        self.gateway.script = [close_without_answer] * 3
+        proxy = self.make_proxy(retries=0)
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 502)
+
+    def test_request_head_and_body_leave_in_one_write(self):
+        class Recorder:
+            def __init__(self):
+                self.writes = []
+
+            def sendall(self, data):
+                self.writes.append(bytes(data))
+        conn = gdp.UpstreamHTTPConnection("gateway.example", 443)
+        conn.sock = Recorder()
+        block = gdp.encode_header_block({"Authorization": "Bearer t", "X-Gitlab-Realm": "saas",
+                                         "Content-Length": "2"})
+        conn.send_request("POST", "/v1/messages", b"{}", block)
+        self.assertEqual(conn.sock.writes, [b"POST /v1/messages HTTP/1.1\r\nHost: gateway.example:443\r\n"
+                                            b"Authorization: Bearer t\r\nX-Gitlab-Realm: saas\r\n"
+                                            b"Content-Length: 2\r\n\r\n{}"])
+
+    def test_response_parser_frames_answers_like_http_client(self):
+        class Sock:
+            def __init__(self, data):
+                self.data = data
+
+            def makefile(self, mode):
+                return io.BytesIO(self.data)
+        cases = [
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: 1\r\nX-A: 2\r\n\r\nok",
+             200, b"ok", False),
+            (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", 200, b"ok", False),
+            (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", 200, b"ok", True),
+            (b"HTTP/1.0 404 Not Found\r\nbroken line\r\n\r\nbody until close", 404, b"body until close", True),
+        ]
+        for raw, status, body, will_close in cases:
+            resp = gdp.UpstreamResponse(Sock(raw), method="POST")
+            resp.begin()
+            self.assertEqual((resp.status, resp.will_close), (status, will_close), raw)
+            self.assertEqual(resp.read(), body)
+        resp = gdp.UpstreamResponse(Sock(cases[0][0]), method="POST")
+        resp.begin()
+        self.assertEqual(resp.headers.get_all("x-a"), ["1", "2"])
+        self.assertEqual(resp.getheader("X-A"), "1, 2")
+
+
+class ConnectProxy(http.server.ThreadingHTTPServer):
+    """A corporate HTTP proxy: CONNECT only, with Basic authentication."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.tunnels = []
+        super().__init__(("127.0.0.1", 0), ConnectHandler)
+
+
+class ConnectHandler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_CONNECT(self):
+        self.server.tunnels.append((self.path, self.headers.get("Proxy-Authorization")))
+        if self.headers.get("Proxy-Authorization") != "Basic dXNlcjpwQHNz":  # user:p@ss
+            self.send_response(407)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        host, port = self.path.rsplit(":", 1)
+        upstream = socket.create_connection((host, int(port)))
+        self.send_response(200)
+        self.end_headers()
+        self.close_connection = True
+        pump = threading.Thread(target=self.pipe, args=(upstream, self.connection), daemon=True)
+        pump.start()
+        self.pipe(self.connection, upstream)
+        pump.join(5)
+        upstream.close()
+
+    @staticmethod
+    def pipe(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+class CorporateProxyTests(ProxyTestCase):
+    def setUp(self):
+        super().setUp()
+        self.corporate = start_server(self, ConnectProxy())
+        self.proxy_url = "http://user:p%%40ss@127.0.0.1:%d" % self.corporate.server_address[1]
+
+    def test_https_through_connect_tunnel(self):
+        cert, key = Cert.get()
+        server = start_server(self, FakeTLSCombined(self.duo, cert, key))
+        proxy = self.make_proxy(instance_url=server.url, gateway_url=server.url, ca_bundle=cert,
+                                https_proxy=self.proxy_url)
+        for _ in range(3):
+            self.assertEqual(self.post("/v1/messages", dict(SIMPLE, stream=True), proxy=proxy).status, 200)
+        target = "127.0.0.1:%d" % server.server_address[1]
+        self.assertEqual([t[0] for t in self.corporate.tunnels], [target])  # one tunnel, kept alive
+        self.assertEqual(self.corporate.tunnels[0][1], "Basic dXNlcjpwQHNz")
+
+    def test_plain_http_also_tunnels_and_no_proxy_bypasses(self):
+        proxy = self.make_proxy(http_proxy=self.proxy_url, no_proxy="localhost,gitlab.internal")
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        self.assertEqual(len(self.corporate.tunnels), 2)  # GitLab and the gateway
+        bypass = self.make_proxy(http_proxy=self.proxy_url, no_proxy="127.0.0.1")
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=bypass).status, 200)
+        self.assertEqual(len(self.corporate.tunnels), 2)
+
+    def test_proxy_refusal_is_reported_without_credentials(self):
+        proxy = self.make_proxy(http_proxy="http://user:wrong@127.0.0.1:%d" % self.corporate.server_address[1],
+                                retries=0)
+        resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertEqual(resp.status, 502)
+        self.assertIn("407", resp.error["message"])
+        self.assertNotIn("wrong", resp.error["message"])
+
+    def test_proxy_settings_come_from_the_usual_variables(self):
+        config, _, _ = gdp.load_config([], {"GITLAB_TOKEN": "t", "HTTPS_PROXY": "http://proxy.corp:3128",
+                                            "no_proxy": ".corp"}, cwd=tempfile.gettempdir())
+        self.assertEqual((config.https_proxy, config.no_proxy), ("http://proxy.corp:3128", ".corp"))
+        self.assertNotIn("proxy.corp:3128", repr(config))
+        with self.assertRaises(gdp.ConfigError):
+            gdp.load_config([], {"GITLAB_TOKEN": "t", "HTTPS_PROXY": "https://proxy:3128"},
+                            cwd=tempfile.gettempdir())

@@ -1,0 +1,539 @@
+#!/usr/bin/env python3
+"""Benchmark and load test for gitlab_duo_proxy (stdlib only).
+
+Starts a fast fake GitLab + AI gateway in its own process (raw sockets, canned answers,
+so it measures the proxy, not itself), starts the proxy as a user would, and reports
+each figure direct-to-fake and through-proxy in the same run:
+
+  python3 bench_proxy.py            # the benchmark table (about a minute)
+  python3 bench_proxy.py --load     # the load test: 200 streams, 2,000 short calls
+  python3 bench_proxy.py --markdown # the table as Markdown, for the README
+
+Linux figures for CPU and memory come from /proc; elsewhere they show as n/a.
+"""
+
+import argparse
+import json
+import os
+import platform
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GITLAB_TOKEN = "glpat-BENCHMARK000000000000"
+DIRECT_ACCESS = "/api/v4/ai/third_party_agents/direct_access"
+MESSAGES = "/ai/v1/proxy/anthropic/v1/messages"  # on the fake
+PROXIED = "/v1/messages"  # on the proxy
+
+
+# --- the fake upstream (runs in its own process) ----------------------------------------
+
+def _fake_answers():
+    token = json.dumps({"token": "eyJbench.token.sig", "expires_at": int(time.time()) + 3600,
+                        "headers": {"x-gitlab-realm": "saas", "x-gitlab-unit-primitive":
+                                    "ai_gateway_model_provider_proxy", "X-Gitlab-Is-Team-Member": "false"}})
+    message = json.dumps({"id": "msg_b", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
+                          "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
+                          "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}})
+    return {"token": _http(201, token.encode()), "message": _http(200, message.encode())}
+
+
+def _http(status, body, ctype="application/json"):
+    return (b"HTTP/1.1 %d X\r\nContent-Type: %s\r\nContent-Length: %d\r\nx-request-id: bench\r\n\r\n"
+            % (status, ctype.encode(), len(body)) + body)
+
+
+def _frame(event, data):
+    return ("event: %s\ndata: %s\n\n" % (event, json.dumps(data, separators=(",", ":")))).encode()
+
+
+def _chunk(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _read_request(sock, buf):
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        buf += data
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        data = sock.recv(65536)
+        if not data:
+            return None, b""
+        rest += data
+    return (lines[0].split(b" ")[1].decode(), rest[:length]), rest[length:]
+
+
+def _stream(sock, body):
+    """Streams carry their own plan in metadata.user_id: 'events:N:gap_us' or 'hold:seconds'."""
+    plan = json.loads(body).get("metadata", {}).get("user_id", "events:3:0").split(":")
+    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + _chunk(_frame("message_start", {"type": "message_start", "message": {
+                     "id": "m", "type": "message", "role": "assistant", "content": [], "model": "m",
+                     "usage": {"input_tokens": 3, "output_tokens": 1}}})))
+    if plan[0] == "hold":
+        time.sleep(float(plan[1]))
+        count, gap = 3, 0.0
+    else:
+        count, gap = int(plan[1]), int(plan[2]) / 1e6
+    for seq in range(count):
+        if gap:
+            time.sleep(gap)
+        sock.sendall(_chunk(_frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+            "type": "text_delta", "text": "%d:%d" % (seq, time.monotonic_ns())}})))
+    sock.sendall(_chunk(_frame("message_stop", {"type": "message_stop"})) + b"0\r\n\r\n")
+
+
+def _serve_connection(sock, answers, counters, lock):
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = b""
+    try:
+        while True:
+            request, buf = _read_request(sock, buf)
+            if request is None:
+                return
+            path, body = request
+            if path == DIRECT_ACCESS:
+                with lock:
+                    counters["exchanges"] += 1
+                sock.sendall(answers["token"])
+            elif path == "/__stats":
+                with lock:
+                    sock.sendall(_http(200, json.dumps(counters).encode()))
+            elif b'"stream": true' in body or b'"stream":true' in body:
+                _stream(sock, body)
+            else:
+                sock.sendall(answers["message"])
+    except OSError:
+        return
+    finally:
+        sock.close()
+
+
+def serve_fake(cert=None, key=None):
+    """The fake upstream's main loop: prints its port, serves until killed."""
+    answers, counters, lock = _fake_answers(), {"connections": 0, "exchanges": 0}, threading.Lock()
+    context = None
+    if cert:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        sock, _ = listener.accept()
+        with lock:
+            counters["connections"] += 1
+        if context is not None:
+            try:
+                sock = context.wrap_socket(sock, server_side=True)
+            except (OSError, ssl.SSLError):
+                sock.close()
+                continue
+        threading.Thread(target=_serve_connection, args=(sock, answers, counters, lock), daemon=True).start()
+
+
+# --- a lean client ----------------------------------------------------------------------
+
+class Client:
+    """One keep-alive connection; small and fast, so it does not hide the proxy's cost."""
+
+    def __init__(self, port, context=None):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = context.wrap_socket(sock, server_hostname="127.0.0.1") if context else sock
+        self.buf = b""
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, path, body, method="POST"):
+        self.sock.sendall(b"%s %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                          b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
+                          % (method.encode(), path.encode(), len(body), body))
+
+    def _fill(self):
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed")
+        self.buf += data
+
+    def head(self):
+        while b"\r\n\r\n" not in self.buf:
+            self._fill()
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            fields[name.strip().lower()] = value.strip()
+        return int(lines[0].split(b" ")[1]), fields
+
+    def call(self, path, body):
+        """A non-streaming call: (status, body)."""
+        self.send(path, body)
+        status, fields = self.head()
+        length = int(fields.get(b"content-length", b"0"))
+        while len(self.buf) < length:
+            self._fill()
+        data, self.buf = self.buf[:length], self.buf[length:]
+        return status, data
+
+    def stream(self, path, body, on_data=None):
+        """A streamed call, de-chunked; on_data(bytes, arrival ns) per read. Returns the body."""
+        self.send(path, body)
+        status, fields = self.head()
+        out = []
+        while True:
+            while b"\r\n" not in self.buf:
+                self._fill()
+            size_line, _, self.buf = self.buf.partition(b"\r\n")
+            size = int(size_line, 16)
+            while len(self.buf) < size + 2:
+                self._fill()
+            data, self.buf = self.buf[:size], self.buf[size + 2:]
+            if size == 0:
+                return status, b"".join(out)
+            if on_data:
+                on_data(data, time.monotonic_ns())
+            out.append(data)
+
+
+def small_body(model="claude-sonnet-4-6"):
+    return json.dumps({"model": model, "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def stream_body(plan):
+    return json.dumps({"model": "claude-sonnet-4-6", "max_tokens": 16, "stream": True, "metadata": {
+        "user_id": plan}, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+# --- processes --------------------------------------------------------------------------
+
+class Processes:
+    def __init__(self):
+        self.procs = []
+        self.tmp = tempfile.mkdtemp(prefix="bench-duo-")
+
+    def fake(self, tls=False):
+        args = [sys.executable, os.path.abspath(__file__), "--serve-fake"]
+        if tls:
+            args += list(self.cert())
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE)
+        self.procs.append(proc)
+        return int(proc.stdout.readline())
+
+    def cert(self):
+        if not hasattr(self, "_cert"):
+            sys.path.insert(0, HERE)
+            from test_proxy import make_self_signed_cert
+            self._cert = make_self_signed_cert(self.tmp)
+        return self._cert
+
+    def proxy(self, upstream_port, tls=False, extra=None):
+        """Start the proxy as a user would; (process, port, seconds until it first answered)."""
+        scheme = "https" if tls else "http"
+        env = dict(os.environ, GITLAB_TOKEN=GITLAB_TOKEN, PORT="0",
+                   GITLAB_INSTANCE_URL="%s://127.0.0.1:%d" % (scheme, upstream_port),
+                   GITLAB_AI_GATEWAY_URL="%s://127.0.0.1:%d" % (scheme, upstream_port))
+        if tls:
+            env["GITLAB_CA_BUNDLE"] = self.cert()[0]
+        env.update(extra or {})
+        env_file = os.path.join(self.tmp, "empty.env")
+        open(env_file, "w").close()
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "gitlab_duo_proxy.py"), "--env-file", env_file],
+                                env=env, stderr=subprocess.PIPE, cwd=self.tmp)
+        self.procs.append(proc)
+        line = proc.stderr.readline().decode()
+        port = int(line.split("listening on http://127.0.0.1:")[1].split()[0])
+        threading.Thread(target=lambda: proc.stderr.read(), daemon=True).start()  # keep logging flowing
+        client = Client(port)
+        client.call("/", b"")
+        ready = time.perf_counter() - started
+        client.close()
+        return proc, port, ready
+
+    def close(self):
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def fake_stats(port, tls_context=None):
+    client = Client(port, tls_context)
+    client.send("/__stats", b"", "GET")
+    status, fields = client.head()
+    length = int(fields[b"content-length"])
+    while len(client.buf) < length:
+        client._fill()
+    client.close()
+    return json.loads(client.buf[:length])
+
+
+def proc_cpu_seconds(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_memory_mb(pid, field="VmRSS"):
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+# --- measurements -----------------------------------------------------------------------
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def latencies(port, n, context=None, path=MESSAGES):
+    client = Client(port, context)
+    body, out = small_body(), []
+    for i in range(n + 50):
+        started = time.perf_counter()
+        status, _ = client.call(path, body)
+        if status != 200:
+            raise RuntimeError("status %d" % status)
+        if i >= 50:  # warm-up excluded
+            out.append((time.perf_counter() - started) * 1000)
+    client.close()
+    return out
+
+
+def first_byte_times(port, n, path=MESSAGES):
+    client, body, out = Client(port), stream_body("events:3:0"), []
+    for _ in range(n):
+        mark = []
+        started = time.perf_counter()
+        client.stream(path, body, lambda data, ns: mark.append(time.perf_counter()) if not mark else None)
+        out.append((mark[0] - started) * 1000)
+    client.close()
+    return out
+
+
+def event_delays(port, events=1000, gap_us=1000, path=MESSAGES):
+    """Arrival minus send time of each event, in ms (one clock: CLOCK_MONOTONIC)."""
+    delays = []
+
+    def on_data(data, arrived):
+        for frame in data.split(b"\n\n"):
+            if b"text_delta" in frame:
+                text = json.loads(frame.split(b"data: ", 1)[1])["delta"]["text"]
+                delays.append((arrived - int(text.split(":")[1])) / 1e6)
+    client = Client(port)
+    client.stream(path, stream_body("events:%d:%d" % (events, gap_us)), on_data)
+    client.close()
+    return delays
+
+
+def throughput(port, concurrency, seconds, path=MESSAGES):
+    counts, errors, stop = [0] * concurrency, [0], threading.Event()
+
+    def worker(i):
+        client, body = Client(port), small_body()
+        while not stop.is_set():
+            status, _ = client.call(path, body)
+            if status == 200:
+                counts[i] += 1
+            else:
+                errors[0] += 1
+        client.close()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # warm-up
+    before = sum(counts)
+    started = time.perf_counter()
+    stop.wait(seconds)
+    done = sum(counts) - before
+    elapsed = time.perf_counter() - started
+    stop.set()
+    for t in threads:
+        t.join()
+    return done / elapsed, errors[0]
+
+
+def open_streams(port, n, hold, pid=None, path=PROXIED):
+    """n streams held open by the fake; returns (peak RSS MB of pid, events seen per stream)."""
+    results, errors, ready = [], [], threading.Barrier(n + 1)
+
+    def worker():
+        try:
+            client = Client(port)
+            seen = []
+            client.stream(path, stream_body("hold:%g" % hold), lambda d, ns: seen.append(d))
+            results.append(b"".join(seen))
+            client.close()
+        except OSError as exc:
+            errors.append(repr(exc))
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    peak = 0.0
+    deadline = time.monotonic() + hold * 0.8
+    while time.monotonic() < deadline:
+        if pid:
+            peak = max(peak, proc_memory_mb(pid) or 0.0)
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    return peak, results, errors
+
+
+def row(name, direct, proxied, unit, added=True):
+    diff = "%+.3f" % (proxied - direct) if added and direct is not None else ""
+    fmt = lambda v: "n/a" if v is None else ("%.3f" % v if v < 100 else "%.0f" % v)  # noqa: E731
+    return name, fmt(direct), fmt(proxied), diff, unit
+
+
+def benchmark(quick=False):
+    procs = Processes()
+    rows = []
+    try:
+        fake = procs.fake()
+        proxy, port, ready = procs.proxy(fake)
+        rows.append(row("start-up to first answered request", None, ready * 1000, "ms", False))
+        n = 500 if quick else 3000
+        direct, through = latencies(fake, n), latencies(port, n, path=PROXIED)
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            rows.append(row("small call latency %s" % label, pct(direct, q), pct(through, q), "ms"))
+        direct, through = first_byte_times(fake, 200), first_byte_times(port, 200, PROXIED)
+        rows.append(row("stream time to first byte p50", pct(direct, 0.5), pct(through, 0.5), "ms"))
+        direct, through = event_delays(fake), event_delays(port, path=PROXIED)
+        for q, label in ((0.5, "p50"), (0.99, "p99")):
+            rows.append(row("per-event delay %s (1,000 events)" % label, pct(direct, q), pct(through, q), "ms"))
+        seconds = 1.5 if quick else 4
+        for concurrency in (1, 8, 64):
+            d_rps, _ = throughput(fake, concurrency, seconds)
+            cpu0 = proc_cpu_seconds(proxy.pid)
+            p_rps, errs = throughput(port, concurrency, seconds, PROXIED)
+            cpu1 = proc_cpu_seconds(proxy.pid)
+            rows.append(row("requests/s, %d concurrent (%.0f%% of direct)" % (concurrency, 100 * p_rps / d_rps),
+                            d_rps, p_rps, "req/s", False))
+            if concurrency == 8 and cpu0 is not None:
+                # +0.3 s of warm-up inside throughput() ran too; count it in the divisor.
+                per_request = (cpu1 - cpu0) / (p_rps * (seconds + 0.3)) * 1000
+                rows.append(row("proxy CPU per request, 8 concurrent", None, per_request, "ms", False))
+        base = proc_memory_mb(proxy.pid)
+        peak, results, errors = open_streams(port, 200, 3.0, proxy.pid)
+        rows.append(row("proxy RSS idle / with 200 open streams", base, peak, "MB", False))
+        if errors or len(results) != 200:
+            rows.append(("  stream errors", "", str(len(errors)), "", ""))
+        rows.extend(tls_rows(procs, n))
+    finally:
+        procs.close()
+    return rows
+
+
+def tls_rows(procs, n):
+    fake = procs.fake(tls=True)
+    proxy, port, _ = procs.proxy(fake, tls=True)
+    context = ssl.create_default_context(cafile=procs.cert()[0])
+    before = fake_stats(fake, context)["connections"]
+    client = Client(port)
+    for _ in range(100):
+        client.call(PROXIED, small_body())
+    client.close()
+    handshakes = fake_stats(fake, context)["connections"] - before - 1
+    direct, through = latencies(fake, n, context), latencies(port, n, path=PROXIED)
+    return [row("TLS upstream: small call latency p50", pct(direct, 0.5), pct(through, 0.5), "ms"),
+            row("TLS upstream: small call latency p99", pct(direct, 0.99), pct(through, 0.99), "ms"),
+            row("TLS handshakes per 100 requests (incl. token)", None, handshakes, "", False)]
+
+
+def load_test():
+    """200 concurrent streams and 2,000 sequential calls: nothing lost, one exchange."""
+    procs = Processes()
+    try:
+        fake = procs.fake()
+        proxy, port, _ = procs.proxy(fake)
+        rss0 = proc_memory_mb(proxy.pid)
+        peak, results, errors = open_streams(port, 200, 2.0, proxy.pid)
+        complete = sum(1 for r in results if r.count(b"text_delta") == 3 and r.endswith(
+            _frame("message_stop", {"type": "message_stop"})) and all(
+            b'"%d:' % i in r for i in range(3)))
+        client, failures = Client(port), 0
+        for _ in range(2000):
+            status, _ = client.call(PROXIED, small_body())
+            failures += status != 200
+        client.close()
+        stats = fake_stats(fake)
+        rss1 = proc_memory_mb(proxy.pid)
+    finally:
+        procs.close()
+    return [("200 concurrent streams: complete / errors", "%d / %d" % (complete, len(errors))),
+            ("2,000 sequential calls: failures", str(failures)),
+            ("token exchanges", str(stats["exchanges"])),
+            ("proxy RSS before / peak / after (MB)", "%.1f / %.1f / %.1f" % (rss0 or 0, peak, rss1 or 0))]
+
+
+def machine():
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = next(l.split(":", 1)[1].strip() for l in fh if l.startswith("model name"))  # noqa: E741
+    except (OSError, StopIteration):
+        pass
+    return "%s, %d cores, %s, Python %s" % (model, os.cpu_count() or 0, platform.system(), platform.python_version())
+
+
+def print_table(headers, rows, markdown):
+    if markdown:
+        print("| " + " | ".join(headers) + " |")
+        print("|" + "---|" * len(headers))
+        for r in rows:
+            print("| " + " | ".join(r) + " |")
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    for r in [headers] + rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--load", action="store_true", help="run the load test instead")
+    parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--serve-fake", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_fake is not None:
+        return serve_fake(*args.serve_fake)
+    print("machine: %s" % machine())
+    if args.load:
+        print_table(("load test", "result"), load_test(), args.markdown)
+    else:
+        print_table(("measure", "direct", "via proxy", "added", "unit"), benchmark(args.quick), args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
