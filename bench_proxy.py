@@ -18,7 +18,6 @@ import os
 import platform
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -332,10 +331,10 @@ def latencies(port, n, context=None, path=MESSAGES):
 def first_byte_times(port, n, path=MESSAGES):
     client, body, out = Client(port), stream_body("events:3:0"), []
     for _ in range(n):
-        mark = []
+        marks = []
         started = time.perf_counter()
-        client.stream(path, body, lambda data, ns: mark.append(time.perf_counter()) if not mark else None)
-        out.append((mark[0] - started) * 1000)
+        client.stream(path, body, lambda data, ns, marks=marks: marks.append(time.perf_counter()))
+        out.append((marks[0] - started) * 1000)
     client.close()
     return out
 
@@ -384,7 +383,7 @@ def throughput(port, concurrency, seconds, path=MESSAGES):
 
 def open_streams(port, n, hold, pid=None, path=PROXIED):
     """n streams held open by the fake; returns (peak RSS MB of pid, events seen per stream)."""
-    results, errors, ready = [], [], threading.Barrier(n + 1)
+    results, errors = [], []
 
     def worker():
         try:

@@ -8,7 +8,6 @@ import http.client
 import http.server
 import io
 import json
-import logging
 import os
 import random
 import re
@@ -196,6 +195,7 @@ class DuoState:
 
 class FakeHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # it writes head and body separately; Nagle would stall the body
 
     def log_message(self, *args):
         pass
