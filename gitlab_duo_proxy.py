@@ -21,6 +21,7 @@ to this script and in the working directory, or the one --env-file names).
 
 import argparse
 import base64
+import calendar
 import collections
 import email.utils
 import hmac
@@ -85,6 +86,8 @@ MODEL_CATALOG = (
 )
 # On every 2026 list GitLab published; claude-sonnet-4-5-20250929 retires 2026-11-30.
 DEFAULT_MODEL = "claude-sonnet-4-6"
+# Announced retirements (Anthropic's deprecation table), shown in /v1/models.
+RETIREMENTS = {"claude-sonnet-4-5-20250929": "2026-11-30T00:00:00Z"}
 
 HOP_BY_HOP = frozenset((
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -118,9 +121,11 @@ def error_type_for(status):
 
 
 class ProxyError(Exception):
-    """An error the client receives as Anthropic error JSON with this status."""
+    """An error the client receives with this status, as Anthropic's error JSON (or
+    OpenAI's, on the OpenAI routes)."""
 
     status = 500
+    kind = None  # an upstream error type to keep, instead of the one the status implies
 
     def __init__(self, message, status=None, headers=None, retry=None):
         super().__init__(message)
@@ -132,9 +137,11 @@ class ProxyError(Exception):
 
     @property
     def error_type(self):
-        return error_type_for(self.status)
+        return self.kind or error_type_for(self.status)
 
-    def body(self):
+    def body(self, dialect="anthropic"):
+        if dialect == "openai":
+            return openai_error_body(self.status, self.error_type, self.message)
         return anthropic_error_body(self.error_type, self.message)
 
 
@@ -171,13 +178,13 @@ class UpstreamTimeout(ProxyError):
 
 
 class PassThrough(ProxyError):
-    """An upstream error that is already Anthropic-shaped: relayed byte for byte."""
+    """An upstream error already in the client's dialect: relayed byte for byte."""
 
     def __init__(self, status, raw, headers=None, retry=None):
         super().__init__("upstream error %d" % status, status, headers, retry)
         self.raw = raw
 
-    def body(self):
+    def body(self, dialect="anthropic"):
         return self.raw
 
 
@@ -191,6 +198,28 @@ class ConfigError(Exception):
 
 def anthropic_error_body(error_type, message):
     return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+
+
+OPENAI_ERROR_TYPES = {"authentication_error": "authentication_error", "permission_error": "permission_error",
+                      "rate_limit_error": "rate_limit_error", "billing_error": "insufficient_quota",
+                      "not_found_error": "invalid_request_error", "request_too_large": "invalid_request_error",
+                      "overloaded_error": "server_error", "api_error": "server_error",
+                      "timeout_error": "server_error", "invalid_request_error": "invalid_request_error"}
+
+
+def openai_error_body(status, error_type, message):
+    """OpenAI's error shape, with the code its SDKs and tools look for where one fits."""
+    code = None
+    if "prompt is too long" in message or "context length" in message.lower():
+        code = "context_length_exceeded"
+    elif status == 401:
+        code = "invalid_api_key"
+    elif status == 404 and error_type == "not_found_error":
+        code = "model_not_found" if "model" in message else None
+    elif status == 429:
+        code = "rate_limit_exceeded"
+    return json.dumps({"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(error_type, error_type),
+                                 "param": None, "code": code}}).encode()
 
 
 # === Config ===
@@ -666,12 +695,12 @@ def duo_chat_name(rest):
 
 def model_entry(model):
     """A model in Anthropic's schema with OpenAI's fields beside it."""
-    created = email.utils.parsedate_to_datetime(
-        time.strftime("%a, %d %b %Y %H:%M:%S +0000",
-                      time.strptime(model.created_at, "%Y-%m-%dT%H:%M:%SZ")))
+    created = calendar.timegm(time.strptime(model.created_at, "%Y-%m-%dT%H:%M:%SZ"))
+    retires_at = RETIREMENTS.get(model.id)
     return {"type": "model", "id": model.id, "display_name": model.display_name,
-            "created_at": model.created_at, "object": "model", "created": int(created.timestamp()),
-            "owned_by": model.provider}
+            "created_at": model.created_at, "max_input_tokens": model.context_window,
+            "lifecycle": "deprecated" if retires_at else "active", "retires_at": retires_at,
+            "object": "model", "created": created, "owned_by": model.provider}
 
 
 def models_list_body(models, has_more):
@@ -704,15 +733,16 @@ class JsonBody:
     """A request body parsed once, keeping where each top-level value sits in the text,
     so the model name can change without re-serialising anything else."""
 
-    __slots__ = ("text", "members", "spans")
+    __slots__ = ("raw", "text", "members", "spans", "key_spans", "brace")
 
     def __init__(self, raw):
+        self.raw = raw
         try:
             self.text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BadRequest("request body is not valid UTF-8 (byte %d); send JSON encoded as "
                              "UTF-8" % exc.start) from None
-        self.members, self.spans = {}, {}
+        self.members, self.spans, self.key_spans = {}, {}, {}
         try:
             self._scan()
         except ValueError as exc:
@@ -724,13 +754,16 @@ class JsonBody:
         if text[i:i + 1] != "{":
             raise BadRequest("request body must be a JSON object ({...}), not %s"
                              % (json_kind(text[i:i + 1]) or "empty"))
+        self.brace = i
         i = ws.match(text, i + 1).end()
         if text[i:i + 1] == "}":
             return self._finish(i + 1)
         while True:
             if text[i:i + 1] != '"':
                 raise ValueError("expected a property name at char %d" % i)
+            key_start = i
             key, i = json.decoder.scanstring(text, i + 1)
+            self.key_spans[key] = (key_start, i)
             i = ws.match(text, i).end()
             if text[i:i + 1] != ":":
                 raise ValueError("expected ':' at char %d" % i)
@@ -751,16 +784,20 @@ class JsonBody:
     def get(self, key, default=None):
         return self.members.get(key, default)
 
-    def with_value(self, key, value):
-        """The body as bytes with one top-level value replaced (or added first)."""
-        encoded = json.dumps(value)
-        if key in self.spans:
-            start, end = self.spans[key]
-            return (self.text[:start] + encoded + self.text[end:]).encode("utf-8")
-        brace = self.text.index("{") + 1
-        sep = "," if self.members else ""
-        return (self.text[:brace] + json.dumps(key) + ":" + encoded + sep
-                + self.text[brace:]).encode("utf-8")
+    def edited(self, values=(), renames=()):
+        """The body as bytes with top-level values replaced (or added first) and keys
+        renamed; every other byte stays as the client sent it."""
+        values, renames = dict(values), dict(renames)
+        splices = [self.spans[k] + (json.dumps(v),) for k, v in values.items() if k in self.spans]
+        splices += [self.key_spans[k] + (json.dumps(new),) for k, new in renames.items() if k in self.key_spans]
+        added = ["%s:%s" % (json.dumps(k), json.dumps(v)) for k, v in values.items() if k not in self.spans]
+        if added:
+            at = self.brace + 1
+            splices.append((at, at, ",".join(added) + ("," if self.members else "")))
+        text = self.text
+        for start, end, new in sorted(splices, reverse=True):
+            text = text[:start] + new + text[end:]
+        return text.encode("utf-8")
 
 
 class Headers:
@@ -1043,14 +1080,28 @@ GATEWAY_STATUS_HINTS = {
 }
 
 
-def translate_gateway_error(status, raw, model, known_models):
-    """Anthropic-shaped errors stay as they are (None); others become a ProxyError."""
+def is_openai_error(obj):
+    return (isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+            and isinstance(obj["error"].get("message"), str))
+
+
+def translate_gateway_error(status, raw, model, known_models, upstream="anthropic", dialect="anthropic"):
+    """The error a client gets for a failed gateway answer. An error already in the
+    client's dialect passes through as it is (PassThrough); an Anthropic error reaching an
+    OpenAI client keeps its message and type; GitLab's own shapes get a hint."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except ValueError:
         obj = None
-    if is_anthropic_error(obj):
-        return None
+    native = is_anthropic_error(obj) if upstream == "anthropic" else is_openai_error(obj)
+    if native and dialect == ("openai" if upstream == "openai" else "anthropic"):
+        return PassThrough(status, raw)
+    if native and upstream == "anthropic":
+        error = ProxyError(obj["error"].get("message") or "error", status)
+        error.kind = obj["error"]["type"]
+        return error
+    if native:
+        return ProxyError(obj["error"]["message"], status)
     message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "error")
     hint = gateway_error_hint(status, message, obj, model, known_models)
     text = "GitLab AI gateway answered %d: %s" % (status, message.rstrip("."))
@@ -1092,6 +1143,429 @@ def translate_token_error(status, raw, retry_after=None):
                           % (status, message), 502)
     headers = {"retry-after": str(int(retry_after + 0.999))} if retry_after is not None else None
     return ProxyError(template % message, status, headers, retry=status in (429, 503))
+
+
+# === Pure helpers: OpenAI translation ===
+
+DEFAULT_MAX_TOKENS = 8192
+REASONING_BUDGETS = {"low": 2048, "medium": 8192, "high": 24576, "xhigh": 32768}
+JSON_TOOL = "json_response"  # the forced tool that carries response_format answers
+FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                  "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop",
+                  "model_context_window_exceeded": "length"}
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+ChatPlan = collections.namedtuple("ChatPlan", "body model stream include_usage json_mode")
+
+
+def chat_to_anthropic(req, model):
+    """An OpenAI chat completions request as an Anthropic Messages request (a ChatPlan)."""
+    refuse_unsupported(req)
+    system, messages = chat_messages(req.get("messages"))
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens_of(req)}
+    if system:
+        body["system"] = system
+    json_mode = add_tools(body, req)
+    add_sampling(body, req)
+    if not json_mode:
+        add_thinking(body, req.get("reasoning_effort"))
+    stream = req.get("stream") is True
+    if stream:
+        body["stream"] = True
+    options = req.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    return ChatPlan(body, model, stream, include_usage, json_mode)
+
+
+def refuse_unsupported(req):
+    if req.get("n") not in (None, 1):
+        raise BadRequest("n must be 1 for Claude models (one choice per request)")
+    if req.get("logprobs"):
+        raise BadRequest("logprobs are not available for Claude models")
+    for field in ("audio", "prediction", "functions", "function_call"):
+        if req.get(field) is not None:
+            raise BadRequest("%s is not supported for Claude models%s" % (
+                field, "; use tools and tool_choice" if field.startswith("function") else ""))
+
+
+def max_tokens_of(req):
+    value = req.get("max_completion_tokens", req.get("max_tokens"))
+    if value is None:
+        return DEFAULT_MAX_TOKENS
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise BadRequest("max_tokens / max_completion_tokens must be a positive whole number")
+    return value
+
+
+def chat_messages(messages):
+    """(system text, Anthropic turns): system and developer messages become the system
+    prompt; tool results join the user turn after them, ahead of anything else in it."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty array")
+    system, turns = [], []
+    for i, msg in enumerate(messages):
+        where = "messages[%d]" % i
+        if not isinstance(msg, dict):
+            raise BadRequest("%s must be an object" % where)
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            system.append(text_of(msg.get("content"), where + ".content"))
+        elif role == "user":
+            add_turn(turns, "user", user_blocks(msg.get("content"), where))
+        elif role == "assistant":
+            add_turn(turns, "assistant", assistant_blocks(msg, where))
+        elif role == "tool":
+            add_turn(turns, "user", [tool_result_block(msg, where)])
+        else:
+            raise BadRequest("%s.role %r is not supported; use system, developer, user, assistant "
+                             "or tool" % (where, role))
+    for turn in turns:
+        # Anthropic wants tool results first in a user turn.
+        turn["content"].sort(key=lambda block: block["type"] != "tool_result")
+    return "\n\n".join(t for t in system if t), turns
+
+
+def add_turn(turns, role, blocks):
+    if not blocks:
+        return
+    if turns and turns[-1]["role"] == role:
+        turns[-1]["content"].extend(blocks)
+    else:
+        turns.append({"role": role, "content": list(blocks)})
+
+
+def text_of(content, where):
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content
+                       if isinstance(part, dict) and part.get("type") in ("text", "input_text"))
+    raise BadRequest("%s must be a string or an array of text parts" % where)
+
+
+def user_blocks(content, where):
+    if content is None or isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    if not isinstance(content, list):
+        raise BadRequest("%s.content must be a string or an array of parts" % where)
+    blocks = []
+    for j, part in enumerate(content):
+        part_where = "%s.content[%d]" % (where, j)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if part.get("text"):
+                blocks.append({"type": "text", "text": str(part["text"])})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            blocks.append(image_block(image.get("url") if isinstance(image, dict) else image, part_where))
+        else:
+            raise BadRequest("%s: part type %r is not supported for Claude models (text and "
+                             "image_url are)" % (part_where, kind))
+    return blocks
+
+
+def image_block(url, where):
+    """An image part (data: URL or http(s) URL) as an Anthropic image block."""
+    if not isinstance(url, str):
+        raise BadRequest("%s.image_url.url must be a string" % where)
+    if url.startswith("data:"):
+        header, _, data = url[5:].partition(",")
+        media_type, _, encoding = header.partition(";")
+        if encoding != "base64" or media_type not in IMAGE_TYPES or not data:
+            raise BadRequest("%s: data URLs must be base64 images of type %s" % (where, ", ".join(IMAGE_TYPES)))
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+    if url.startswith(("http://", "https://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise BadRequest("%s: image URLs must be data: or http(s) URLs" % where)
+
+
+def assistant_blocks(msg, where):
+    blocks = []
+    content = msg.get("content")
+    if isinstance(content, list):
+        text = "".join(p.get("text") or p.get("refusal") or "" for p in content if isinstance(p, dict))
+    else:
+        text = text_of(content, where + ".content")
+    if text:
+        blocks.append({"type": "text", "text": text})
+    calls = msg.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise BadRequest("%s.tool_calls must be an array" % where)
+    for j, call in enumerate(calls):
+        blocks.append(tool_use_block(call, "%s.tool_calls[%d]" % (where, j)))
+    return blocks
+
+
+def tool_use_block(call, where):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not isinstance(function.get("name"), str):
+        raise BadRequest("%s needs an id and a function with a name" % where)
+    try:
+        arguments = json.loads(function.get("arguments") or "{}")
+    except ValueError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise BadRequest("%s.function.arguments must be a JSON object (as a string)" % where)
+    return {"type": "tool_use", "id": call["id"], "name": function["name"], "input": arguments}
+
+
+def tool_result_block(msg, where):
+    if not isinstance(msg.get("tool_call_id"), str):
+        raise BadRequest("%s: a tool message needs tool_call_id" % where)
+    block = {"type": "tool_result", "tool_use_id": msg["tool_call_id"]}
+    content = msg.get("content")
+    if isinstance(content, list):
+        parts = user_blocks(content, where)
+        if parts:
+            block["content"] = parts
+    elif content:
+        block["content"] = text_of(content, where + ".content")
+    return block
+
+
+def add_tools(body, req):
+    """tools, tool_choice and response_format; True when the answer is forced JSON."""
+    tools, choice = req.get("tools"), req.get("tool_choice")
+    json_schema = response_format_schema(req.get("response_format"))
+    if json_schema is not None:
+        if tools:
+            raise BadRequest("response_format json_object/json_schema cannot be combined with tools "
+                             "for Claude models; ask for JSON in the prompt instead")
+        body["tools"] = [{"name": JSON_TOOL, "description": "Give the answer as this JSON object.",
+                          "input_schema": json_schema}]
+        body["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
+        return True
+    if tools:
+        body["tools"] = [chat_tool(tool, "tools[%d]" % j) for j, tool in enumerate(tools)]
+    if choice is not None and tools:
+        body["tool_choice"] = chat_tool_choice(choice)
+        if req.get("parallel_tool_calls") is False and body["tool_choice"]["type"] != "none":
+            body["tool_choice"]["disable_parallel_tool_use"] = True
+    return False
+
+
+def response_format_schema(response_format):
+    """The JSON schema a response_format asks for (None: plain text). Claude answers it
+    through a forced tool call, so the JSON really is the schema's, not hoped for."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict) or schema.get("type") != "object":
+            raise BadRequest("response_format.json_schema.schema must be an object schema "
+                             "(\"type\": \"object\") for Claude models")
+        return schema
+    raise BadRequest("response_format.type must be text, json_object or json_schema")
+
+
+def chat_tool(tool, where):
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
+            or not isinstance(function.get("name"), str):
+        raise BadRequest("%s: only function tools with a name are supported" % where)
+    entry = {"name": function["name"],
+             "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
+    if function.get("description"):
+        entry["description"] = function["description"]
+    return entry
+
+
+def chat_tool_choice(choice):
+    simple = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}
+    if isinstance(choice, str) and choice in simple:
+        return dict(simple[choice])
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(function, dict) and isinstance(function.get("name"), str):
+        return {"type": "tool", "name": function["name"]}
+    raise BadRequest("tool_choice must be auto, none, required or {\"type\": \"function\", "
+                     "\"function\": {\"name\": ...}}")
+
+
+def add_sampling(body, req):
+    for field, limit in (("temperature", 1.0), ("top_p", 1.0)):
+        value = req.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise BadRequest("%s must be a non-negative number" % field)
+        body[field] = min(float(value), limit)  # OpenAI's temperature goes to 2, Claude's to 1
+    stop = req.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+            raise BadRequest("stop must be a string or an array of strings")
+        if [x for x in stops if x.strip()]:
+            body["stop_sequences"] = [x for x in stops if x.strip()]
+    if isinstance(req.get("user"), str) and req["user"]:
+        body["metadata"] = {"user_id": req["user"][:256]}
+
+
+def add_thinking(body, effort):
+    """reasoning_effort as extended thinking. Not after a tool call: Claude then needs its
+    earlier signed thinking back, which OpenAI clients cannot keep."""
+    if effort is None or effort in ("none", "minimal"):
+        return
+    budget = REASONING_BUDGETS.get(effort)
+    if budget is None:
+        raise BadRequest("reasoning_effort must be minimal, low, medium or high")
+    last = body["messages"][-1]
+    if last["role"] == "user" and any(b["type"] == "tool_result" for b in last["content"]):
+        return
+    body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+    body["max_tokens"] += budget
+    body.pop("temperature", None)  # thinking runs at Claude's own temperature
+    if body.get("top_p", 1.0) < 0.95:
+        body["top_p"] = 0.95
+
+
+def finish_reason(stop_reason, json_mode):
+    if json_mode and stop_reason == "tool_use":
+        return "stop"
+    return FINISH_REASONS.get(stop_reason, "stop")
+
+
+def chat_usage(usage):
+    """Token counts (as merge_usage collects them) in OpenAI's usage shape."""
+    cached = usage.get("cache_read", 0)
+    prompt = usage.get("input", 0) + cached + usage.get("cache_creation", 0)
+    completion = usage.get("output", 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+def anthropic_to_chat(message, plan, created):
+    """An Anthropic message as an OpenAI chat.completion object."""
+    texts, reasoning, calls = [], [], []
+    for block in message.get("content") or []:
+        kind = block.get("type")
+        if kind == "text":
+            texts.append(block.get("text", ""))
+        elif kind == "thinking":
+            reasoning.append(block.get("thinking", ""))
+        elif kind == "tool_use" and plan.json_mode and block.get("name") == JSON_TOOL:
+            texts.append(json.dumps(block.get("input"), ensure_ascii=False))
+        elif kind == "tool_use":
+            calls.append({"id": block.get("id"), "type": "function", "function": {
+                "name": block.get("name"), "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+    reply = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    if calls:
+        reply["tool_calls"] = calls
+    if reasoning:
+        reply["reasoning_content"] = "".join(reasoning)
+    usage = {}
+    merge_usage(usage, message.get("usage"))
+    return {"id": "chatcmpl-" + str(message.get("id", "proxy")), "object": "chat.completion",
+            "created": created, "model": plan.model, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": reply, "logprobs": None,
+                         "finish_reason": finish_reason(message.get("stop_reason"), plan.json_mode)}],
+            "usage": chat_usage(usage)}
+
+
+class ChatStream:
+    """Turns an Anthropic event stream into chat.completion.chunk events as it arrives:
+    the role first, then content, reasoning and tool-call deltas (each call with a stable
+    index, its id and name on its first delta), the finish reason, usage if asked, [DONE]."""
+
+    def __init__(self, plan, usage, created):
+        self.plan, self.usage, self.created = plan, usage, created
+        self.complete = False
+        self.id = "chatcmpl-proxy"
+        self.blocks = {}  # Anthropic block index -> tool call index, or JSON_TOOL
+        self.finish_reason = "stop"
+
+    def feed(self, data):
+        out = []
+        for frame in re.split(rb"\r?\n\r?\n", data):
+            payload = sse_data(frame) if frame.strip() else None
+            if isinstance(payload, dict):
+                handler = getattr(self, "on_" + str(payload.get("type")), None)
+                if handler is not None:
+                    out.extend(handler(payload))
+        return b"".join(out)
+
+    def finish(self):
+        return b""
+
+    def error(self, message):
+        return openai_error_frame(message)
+
+    def chunk(self, delta, finish=None):
+        obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+               "model": self.plan.model, "system_fingerprint": None,
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        if self.plan.include_usage:
+            obj["usage"] = None
+        return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+    def on_message_start(self, event):
+        message = event.get("message") or {}
+        self.id = "chatcmpl-" + str(message.get("id", "proxy"))
+        merge_usage(self.usage, message.get("usage"))
+        return [self.chunk({"role": "assistant", "content": ""})]
+
+    def on_content_block_start(self, event):
+        block = event.get("content_block") or {}
+        if block.get("type") != "tool_use":
+            return []
+        if self.plan.json_mode and block.get("name") == JSON_TOOL:
+            self.blocks[event.get("index")] = JSON_TOOL
+            return []
+        call = sum(1 for v in self.blocks.values() if v != JSON_TOOL)
+        self.blocks[event.get("index")] = call
+        return [self.chunk({"tool_calls": [{"index": call, "id": block.get("id"), "type": "function",
+                                            "function": {"name": block.get("name"), "arguments": ""}}]})]
+
+    def on_content_block_delta(self, event):
+        delta = event.get("delta") or {}
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            return [self.chunk({"content": delta["text"]})]
+        if kind == "thinking_delta" and delta.get("thinking"):
+            return [self.chunk({"reasoning_content": delta["thinking"]})]
+        if kind == "input_json_delta" and delta.get("partial_json"):
+            target = self.blocks.get(event.get("index"))
+            if target == JSON_TOOL:
+                return [self.chunk({"content": delta["partial_json"]})]
+            if target is not None:
+                return [self.chunk({"tool_calls": [{"index": target, "function": {
+                    "arguments": delta["partial_json"]}}]})]
+        return []
+
+    def on_message_delta(self, event):
+        merge_usage(self.usage, event.get("usage"))
+        self.finish_reason = finish_reason((event.get("delta") or {}).get("stop_reason"), self.plan.json_mode)
+        return []
+
+    def on_message_stop(self, event):
+        self.complete = True
+        out = [self.chunk({}, self.finish_reason)]
+        if self.plan.include_usage:
+            out.append(b"data: " + json.dumps({
+                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.plan.model, "system_fingerprint": None, "choices": [],
+                "usage": chat_usage(self.usage)}).encode() + b"\n\n")
+        return out + [b"data: [DONE]\n\n"]
+
+    def on_ping(self, event):
+        return [b": ping\n\n"]  # a comment: OpenAI clients skip it, idle timers see traffic
+
+    def on_error(self, event):
+        self.complete = True
+        error = event.get("error") or {}
+        return [openai_error_frame(str(error.get("message") or "upstream error"),
+                                   OPENAI_ERROR_TYPES.get(error.get("type"), "server_error"))]
+
+
+def needs_completion_tokens(model):
+    """GPT-5 and the o-series refuse max_tokens and want max_completion_tokens."""
+    return model.startswith(("gpt-5", "o1", "o3", "o4"))
 
 
 # === Token cache ===
@@ -1700,13 +2174,56 @@ def retry_reason(outcome):
 
 # === Relay ===
 
-class SseProtocol(collections.namedtuple("SseProtocol", "end_markers error_frame usage_scan")):
-    """What a complete stream of one API looks like and how to report a broken one."""
+class AnthropicStream:
+    """An Anthropic event stream relayed as it is: the bytes pass untouched; only the
+    small frames that carry token counts are read, and whether the end was seen."""
+
+    END_MARKERS = (b"event: message_stop", b"event: error")
+
+    def __init__(self, usage):
+        self.usage = usage
+        self.complete = False
+
+    def feed(self, data):
+        """Whole events in; the bytes to send the client out."""
+        if not self.complete and any(marker in data for marker in self.END_MARKERS):
+            self.complete = True
+        scan_anthropic_usage(data, self.usage)
+        return data
+
+    def finish(self):
+        return b""
+
+    def error(self, message):
+        data = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+        return ("event: error\ndata: %s\n\n" % data).encode()
 
 
-def anthropic_error_frame(error_type, message):
-    data = json.dumps({"type": "error", "error": {"type": error_type, "message": message}})
-    return ("event: error\ndata: %s\n\n" % data).encode()
+class OpenAIStream(AnthropicStream):
+    """An OpenAI stream (chat completions or responses) relayed as it is."""
+
+    END_MARKERS = (b"data: [DONE]", b'"type":"response.completed"', b'"type": "response.completed"',
+                   b'"type":"response.failed"', b'"type":"response.incomplete"')
+
+    def feed(self, data):
+        if not self.complete and any(marker in data for marker in self.END_MARKERS):
+            self.complete = True
+        if b'"usage"' in data:
+            for frame in data.split(b"\n\n"):
+                if b'"usage"' in frame:
+                    payload = sse_data(frame)
+                    if isinstance(payload, dict):
+                        response = payload.get("response")
+                        merge_usage(self.usage, (response if isinstance(response, dict) else payload).get("usage"))
+        return data
+
+    def error(self, message):
+        return openai_error_frame(message)
+
+
+def openai_error_frame(message, error_type="api_error"):
+    data = json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": None}})
+    return ("data: %s\n\n" % data).encode()
 
 
 def scan_anthropic_usage(data, usage):
@@ -1744,10 +2261,6 @@ def merge_usage(usage, reported):
     details = reported.get("prompt_tokens_details") or reported.get("input_tokens_details")
     if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
         usage["cache_read"] = details["cached_tokens"]
-
-
-ANTHROPIC_SSE = SseProtocol((b"event: message_stop", b"event: error"), anthropic_error_frame,
-                            scan_anthropic_usage)
 
 
 def event_boundary(buf):
@@ -1788,10 +2301,9 @@ class StreamRelay:
     in front of the error frame the client then receives.
     """
 
-    def __init__(self, reply, writer, protocol, config, usage, watch):
+    def __init__(self, reply, writer, protocol, config, watch):
         self.reply, self.writer, self.protocol = reply, writer, protocol
-        self.config, self.usage, self.watch = config, usage, watch
-        self.ended = False
+        self.config, self.watch = config, watch
 
     def run(self):
         """Relay to the end; returns None, or why the stream was cut."""
@@ -1821,7 +2333,10 @@ class StreamRelay:
                     self.config.stream_max_seconds)
         if pending:
             self._emit(pending)
-        if not self.ended:
+        tail = self.protocol.finish()
+        if tail:
+            self.writer.write(tail)
+        if not self.protocol.complete:
             return "GitLab's AI gateway ended the stream before it was complete"
         return None
 
@@ -1830,14 +2345,12 @@ class StreamRelay:
             raise ClientGone("closed during the stream")
 
     def _emit(self, data):
-        self.writer.write(data)
-        if not self.ended and any(m in data for m in self.protocol.end_markers):
-            self.ended = True
-        self.protocol.usage_scan(data, self.usage)
+        out = self.protocol.feed(data)
+        if out:
+            self.writer.write(out)
 
     def fail(self, reason):
-        frame = self.protocol.error_frame("api_error", reason + "; retry the request.")
-        self.writer.write(frame)
+        self.writer.write(self.protocol.error(reason + "; retry the request."))
 
 
 class _Watch:
@@ -1980,11 +2493,13 @@ class RequestContext:
     """What one request did, for its log line and the statistics."""
 
     __slots__ = ("method", "path", "route", "model", "status", "stream", "usage", "request_id",
-                 "started", "upstream_ms", "refreshed", "head_sent", "body_read", "outcome", "new_id")
+                 "started", "upstream_ms", "refreshed", "head_sent", "body_read", "outcome", "new_id",
+                 "dialect")
 
     def __init__(self, method, new_id):
         self.method = method
         self.new_id = new_id
+        self.dialect = "anthropic"  # the shape errors take: anthropic, or openai on OpenAI routes
         self.path = self.route = self.model = self.status = self.request_id = None
         self.stream = self.refreshed = self.head_sent = self.body_read = False
         self.usage = {}
@@ -2225,19 +2740,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             pass  # trailer fields carry nothing we use
         return b"".join(parts)
 
-    def request_json(self, api):
-        """The body with its model resolved; (raw bytes to send, JsonBody)."""
-        raw = self.read_body()
-        body = JsonBody(raw)
-        catalog, ctx = self.server.catalog, self.ctx
+    def request_json(self):
+        """The parsed body and the model it asks for, resolved (None if ill-typed: the
+        gateway then says what is wrong)."""
+        body = JsonBody(self.read_body())
         model = body.get("model")
-        ctx.stream = body.get("stream") is True
+        self.ctx.stream = body.get("stream") is True
         if model is None or isinstance(model, str):
-            resolved = catalog.resolve(model or "")
-            if resolved != model:
-                raw = body.with_value("model", resolved)
-            ctx.model = resolved
-        return raw, body
+            self.ctx.model = self.server.catalog.resolve(model or "")
+        return body, self.ctx.model
+
+    def resolved_body(self, body, renames=()):
+        """The body to send: as received unless the model name (or a key) must change."""
+        model = self.ctx.model
+        if (model is None or body.get("model") == model) and not renames:
+            return body.raw
+        return body.edited({"model": model} if model else {}, renames)
 
     # --- routes
 
@@ -2269,43 +2787,74 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.forward_anthropic("/v1/messages/count_tokens?beta=true")
 
     def forward_anthropic(self, path):
-        raw, _ = self.request_json("anthropic")
-        model = self.ctx.model
+        body, model = self.request_json()
         if model and self.server.catalog.provider(model) == "openai":
             raise BadRequest("%s is an OpenAI model; call it through POST /v1/chat/completions "
                              "or /v1/responses" % model)
-        reply = self.server.upstream.call(self.token_cache(), "anthropic", path, raw,
-                                          self.headers, self.ctx)
-        self.relay_reply(reply, ANTHROPIC_SSE)
+        self.forward("anthropic", path, self.resolved_body(body), AnthropicStream)
 
-    # --- answers from upstream
+    def route_chat_completions(self, query):
+        self.ctx.dialect = "openai"
+        body, model = self.request_json()
+        if model and self.server.catalog.provider(model) == "openai":
+            renames = {}
+            if "max_tokens" in body.members and "max_completion_tokens" not in body.members \
+                    and needs_completion_tokens(model):
+                renames["max_tokens"] = "max_completion_tokens"
+            return self.forward("openai", "/v1/chat/completions", self.resolved_body(body, renames), OpenAIStream)
+        plan = chat_to_anthropic(body.members, model or self.server.catalog.default_model)
+        created = int(time.time())
+        self.forward("anthropic", "/v1/messages", json.dumps(plan.body).encode(),
+                     lambda usage: ChatStream(plan, usage, created),
+                     lambda data: json.dumps(anthropic_to_chat(json.loads(data), plan, created)).encode())
 
-    def relay_reply(self, reply, protocol):
+    def route_responses(self, query):
+        self.ctx.dialect = "openai"
+        body, model = self.request_json()
+        if model and self.server.catalog.provider(model) != "openai":
+            raise BadRequest("%s is a Claude model: this proxy serves the Responses API for GPT and "
+                             "Codex models only. Call Claude through POST /v1/chat/completions "
+                             "(OpenAI format) or POST /v1/messages (Anthropic format)." % model)
+        self.forward("openai", "/v1/responses", self.resolved_body(body), OpenAIStream)
+
+    def forward(self, api, path, raw, stream_protocol, transform=None):
+        """Send raw to the gateway's api and answer the client with what comes back:
+        streams through stream_protocol, other answers through transform (if any)."""
+        reply = self.server.upstream.call(self.token_cache(), api, path, raw, self.headers, self.ctx)
         try:
             self.ctx.request_id = reply.request_id or self.ctx.request_id
             if reply.status >= 400:
-                raise self.upstream_error(reply)
+                raise self.upstream_error(reply, api)
             headers = response_headers_for_client(reply.headers)
             if reply.is_stream:
-                self.relay_stream(reply, protocol, headers)
-            else:
-                data = reply.read_all()
-                self.note_usage(data)
-                self.respond(reply.status, data, headers)
+                return self.relay_stream(reply, stream_protocol(self.ctx.usage),
+                                         headers if transform is None else [])
+            data = reply.read_all()
+            self.note_usage(data)
+            if transform is not None:
+                data, headers = self.transformed(data, transform), []
+            self.respond(reply.status, data, headers)
         finally:
             reply.close()
 
-    def upstream_error(self, reply):
+    def transformed(self, data, transform):
+        try:
+            return transform(data)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamUnreachable("GitLab's AI gateway sent an answer the proxy could not "
+                                      "translate") from None
+
+    # --- answers from upstream
+
+    def upstream_error(self, reply, api):
         raw = reply.read_all()
         catalog = self.server.catalog
-        error = translate_gateway_error(reply.status, raw, self.ctx.model, catalog.ids("anthropic"))
-        headers = {}
+        error = translate_gateway_error(reply.status, raw, self.ctx.model, catalog.ids(api),
+                                        upstream=api, dialect=self.ctx.dialect)
         if reply.status in GATEWAY_RETRY_STATUSES or reply.status >= 500:
             hinted = retry_after_seconds(reply.headers)
-            headers = {"x-should-retry": "true", "retry-after": str(int(hinted + 0.999) if hinted else 1)}
-        if error is None:
-            return PassThrough(reply.status, raw, headers)
-        error.headers.update(headers)
+            error.headers.update({"x-should-retry": "true",
+                                  "retry-after": str(int(hinted + 0.999) if hinted else 1)})
         return error
 
     def note_usage(self, data):
@@ -2321,12 +2870,14 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         chunked = self.request_version != "HTTP/1.0"
         if not chunked:
             self.close_connection = True
+        if not any(k.lower() == "content-type" for k, _ in headers):
+            headers = headers + [("Content-Type", "text/event-stream")]
         extra = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
         extra += [("Transfer-Encoding", "chunked")] if chunked else []
         self.wfile.write(self.head_bytes(reply.status, headers + extra))
         writer = StreamWriter(self.wfile, chunked)
         watch = self.server.watcher.watch(self.connection)
-        relay = StreamRelay(reply, writer, protocol, self.server.config, ctx.usage, watch)
+        relay = StreamRelay(reply, writer, protocol, self.server.config, watch)
         try:
             watch.bind(reply.conn)
             failure = relay.run()
@@ -2385,7 +2936,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if exc.retry is not None:
             headers.append(("x-should-retry", "true" if exc.retry else "false"))
         self.ctx.outcome = self.ctx.outcome or exc.message
-        self.respond(exc.status, exc.body(), headers)
+        self.respond(exc.status, exc.body(self.ctx.dialect), headers)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, huge headers) as Anthropic JSON."""

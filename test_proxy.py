@@ -389,7 +389,15 @@ class FakeGatewayHandler(FakeHandler):
             return self.send_stream(text_stream(payload["model"]))
         if req.kind == "messages":
             return self.send_json(200, message_json(payload["model"]), [("x-request-id", "gw-req-9")])
-        return self.send_json(200, {"echo": payload})
+        if req.kind == "chat" and payload.get("stream"):
+            return self.send_stream(openai_chat_stream(payload["model"]))
+        if req.kind == "chat":
+            return self.send_json(200, openai_chat_json(payload["model"]))
+        if payload.get("stream"):
+            return self.send_stream(responses_stream(payload["model"]))
+        return self.send_json(200, {"id": "resp_1", "object": "response", "status": "completed",
+                                    "model": payload["model"], "output": [], "usage": {
+                                        "input_tokens": 4, "output_tokens": 2, "total_tokens": 6}})
 
 
 class FakeGateway(ScriptedServer):
@@ -450,6 +458,33 @@ def rich_stream(model):
                               "usage": {"output_tokens": 40}}),
         sse("message_stop", {"type": "message_stop"}),
     ]
+
+
+def openai_chat_json(model):
+    return {"id": "chatcmpl-gpt", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi from GPT"},
+                         "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}
+
+
+def openai_chat_stream(model):
+    chunk = lambda delta, finish=None: ("data: %s\n\n" % json.dumps({  # noqa: E731
+        "id": "chatcmpl-gpt", "object": "chat.completion.chunk", "created": 1, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})).encode()
+    return [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hi "}), chunk({"content": "GPT"}),
+            chunk({}, "stop"), ("data: %s\n\n" % json.dumps({"id": "chatcmpl-gpt", "object": "chat.completion.chunk",
+                                                               "choices": [], "usage": {"prompt_tokens": 9,
+                                                                                        "completion_tokens": 3}})).encode(),
+            b"data: [DONE]\n\n"]
+
+
+def responses_stream(model):
+    return [sse("response.created", {"type": "response.created", "sequence_number": 0,
+                                     "response": {"id": "resp_1", "status": "in_progress", "model": model}}),
+            sse("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 1,
+                                               "delta": "Hi"}),
+            sse("response.completed", {"type": "response.completed", "sequence_number": 2, "response": {
+                "id": "resp_1", "status": "completed", "usage": {"input_tokens": 4, "output_tokens": 2}}})]
 
 
 def parse_sse(body):
@@ -705,12 +740,17 @@ class HelperTests(unittest.TestCase):
         raw = '{ "max_tokens" : 5,\n "model":"sonnet" , "x": [1.0, 1e5, "\\u00e9"] }'.encode()
         body = gdp.JsonBody(raw)
         self.assertEqual(body.get("model"), "sonnet")
-        self.assertEqual(body.with_value("model", "claude-sonnet-5"),
+        self.assertEqual(body.edited({"model": "claude-sonnet-5"}),
                          raw.replace(b'"sonnet"', b'"claude-sonnet-5"'))
 
     def test_json_body_adds_a_missing_model_first(self):
-        self.assertEqual(gdp.JsonBody(b'{"a":1}').with_value("model", "m"), b'{"model":"m","a":1}')
-        self.assertEqual(gdp.JsonBody(b' {} ').with_value("model", "m"), b' {"model":"m"} ')
+        self.assertEqual(gdp.JsonBody(b'{"a":1}').edited({"model": "m"}), b'{"model":"m","a":1}')
+        self.assertEqual(gdp.JsonBody(b' {} ').edited({"model": "m"}), b' {"model":"m"} ')
+
+    def test_json_body_renames_keys_in_place(self):
+        body = gdp.JsonBody(b'{"model":"gpt-5.1", "max_tokens" : 5, "x":1}')
+        self.assertEqual(body.edited({"model": "gpt-5.1-2025-11-13"}, {"max_tokens": "max_completion_tokens"}),
+                         b'{"model":"gpt-5.1-2025-11-13", "max_completion_tokens" : 5, "x":1}')
 
     def test_json_body_rejects_what_is_not_an_object(self):
         for raw, fragment in ((b"[1]", "not an array"), (b'{"a":1', "not valid JSON"),
@@ -733,7 +773,12 @@ class HelperTests(unittest.TestCase):
     def test_error_translation(self):
         anthropic = json.dumps({"type": "error", "error": {"type": "invalid_request_error",
                                                            "message": "prompt is too long: 210000 tokens > 200000 maximum"}}).encode()
-        self.assertIsNone(gdp.translate_gateway_error(400, anthropic, "m", []))
+        passed = gdp.translate_gateway_error(400, anthropic, "m", [])
+        self.assertEqual((passed.status, passed.body()), (400, anthropic))
+        for_openai = gdp.translate_gateway_error(400, anthropic, "m", [], dialect="openai")
+        self.assertEqual(json.loads(for_openai.body("openai")), {"error": {
+            "message": "prompt is too long: 210000 tokens > 200000 maximum", "type": "invalid_request_error",
+            "param": None, "code": "context_length_exceeded"}})
         err = gdp.translate_gateway_error(400, b'{"detail":"Unsupported model"}', "claude-x", ["a", "b"])
         self.assertEqual((err.status, err.error_type), (400, "invalid_request_error"))
         self.assertIn("'claude-x'", err.message)
@@ -2059,3 +2104,274 @@ class CorporateProxyTests(ProxyTestCase):
         with self.assertRaises(gdp.ConfigError):
             gdp.load_config([], {"GITLAB_TOKEN": "t", "HTTPS_PROXY": "https://proxy:3128"},
                             cwd=tempfile.gettempdir())
+
+
+# --- OpenAI front door ------------------------------------------------------------------
+
+PNG = "data:image/png;base64,iVBORw0KGgo="
+
+
+class ChatTranslationTests(unittest.TestCase):
+    def plan(self, **req):
+        req.setdefault("messages", [{"role": "user", "content": "hi"}])
+        return gdp.chat_to_anthropic(req, "claude-sonnet-4-6")
+
+    def test_conversation_with_images_tools_and_results(self):
+        body = self.plan(messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": [{"type": "text", "text": "Use tools."}]},
+            {"role": "user", "content": [{"type": "text", "text": "What is here?"},
+                                         {"type": "image_url", "image_url": {"url": PNG}},
+                                         {"type": "image_url", "image_url": {"url": "https://x.example/a.jpg"}}]},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{\"a\": 1}"}},
+                {"id": "call_2", "type": "function", "function": {"name": "look", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "one"},
+            {"role": "tool", "tool_call_id": "call_2", "content": [{"type": "text", "text": "two"}]},
+            {"role": "user", "content": "and?"}]).body
+        self.assertEqual(body["system"], "Be brief.\n\nUse tools.")
+        self.assertEqual(body["max_tokens"], gdp.DEFAULT_MAX_TOKENS)
+        user, assistant, results = body["messages"]
+        self.assertEqual(user["content"][1], {"type": "image", "source": {
+            "type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}})
+        self.assertEqual(user["content"][2]["source"], {"type": "url", "url": "https://x.example/a.jpg"})
+        self.assertEqual(assistant["content"], [
+            {"type": "tool_use", "id": "call_1", "name": "look", "input": {"a": 1}},
+            {"type": "tool_use", "id": "call_2", "name": "look", "input": {}}])
+        self.assertEqual(results["role"], "user")
+        self.assertEqual([b["type"] for b in results["content"]], ["tool_result", "tool_result", "text"])
+        self.assertEqual(results["content"][1], {"type": "tool_result", "tool_use_id": "call_2",
+                                                 "content": [{"type": "text", "text": "two"}]})
+
+    def test_tools_and_tool_choice(self):
+        tools = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+            "type": "object", "properties": {"x": {"type": "string"}}}}}]
+        body = self.plan(tools=tools, tool_choice="required", parallel_tool_calls=False).body
+        self.assertEqual(body["tools"], [{"name": "f", "description": "d", "input_schema": {
+            "type": "object", "properties": {"x": {"type": "string"}}}}])
+        self.assertEqual(body["tool_choice"], {"type": "any", "disable_parallel_tool_use": True})
+        for choice, expected in (("auto", {"type": "auto"}), ("none", {"type": "none"}),
+                                 ({"type": "function", "function": {"name": "f"}}, {"type": "tool", "name": "f"})):
+            self.assertEqual(self.plan(tools=tools, tool_choice=choice).body["tool_choice"], expected)
+        with self.assertRaises(gdp.BadRequest):
+            self.plan(tools=[{"type": "retrieval"}])
+
+    def test_sampling_stop_user_and_limits(self):
+        body = self.plan(temperature=1.7, top_p=0.9, stop="END", max_tokens=100, user="u-1",
+                         stream=True, stream_options={"include_usage": True})
+        self.assertEqual((body.body["temperature"], body.body["top_p"]), (1.0, 0.9))
+        self.assertEqual(body.body["stop_sequences"], ["END"])
+        self.assertEqual(body.body["max_tokens"], 100)
+        self.assertEqual(body.body["metadata"], {"user_id": "u-1"})
+        self.assertTrue(body.stream and body.include_usage and body.body["stream"])
+        self.assertEqual(self.plan(max_completion_tokens=7, max_tokens=100).body["max_tokens"], 7)
+
+    def test_response_format_is_a_forced_tool(self):
+        plan = self.plan(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "object", "properties": {"a": {"type": "integer"}}}}})
+        self.assertTrue(plan.json_mode)
+        self.assertEqual(plan.body["tool_choice"], {"type": "tool", "name": gdp.JSON_TOOL})
+        self.assertEqual(plan.body["tools"][0]["input_schema"]["properties"], {"a": {"type": "integer"}})
+        self.assertEqual(self.plan(response_format={"type": "json_object"}).body["tools"][0]["input_schema"],
+                         {"type": "object"})
+        self.assertFalse(self.plan(response_format={"type": "text"}).json_mode)
+        for bad in ({"type": "json_schema", "json_schema": {"schema": {"type": "array"}}}, {"type": "yaml"}):
+            with self.assertRaises(gdp.BadRequest):
+                self.plan(response_format=bad)
+
+    def test_reasoning_effort_becomes_thinking(self):
+        body = self.plan(reasoning_effort="medium", max_tokens=1000, temperature=0.2).body
+        self.assertEqual(body["thinking"], {"type": "enabled", "budget_tokens": 8192})
+        self.assertEqual(body["max_tokens"], 9192)
+        self.assertNotIn("temperature", body)
+        self.assertNotIn("thinking", self.plan(reasoning_effort="minimal").body)
+        after_tool = self.plan(reasoning_effort="high", messages=[
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "r"}]).body
+        self.assertNotIn("thinking", after_tool)
+
+    def test_unsupported_requests_are_refused_clearly(self):
+        cases = [({"n": 2}, "n must be 1"), ({"logprobs": True}, "logprobs"),
+                 ({"functions": []}, "use tools"), ({"messages": []}, "non-empty"),
+                 ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, "input_audio"),
+                 ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+                     "url": "data:image/tiff;base64,AA=="}}]}]}, "base64 images"),
+                 ({"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+                     "name": "f", "arguments": "not json"}}]}]}, "JSON object"),
+                 ({"messages": [{"role": "function", "content": "x"}]}, "role 'function'"),
+                 ({"temperature": "hot"}, "temperature"), ({"max_tokens": 0}, "positive"),
+                 ({"tools": [{"type": "function", "function": {"name": "f"}}],
+                   "response_format": {"type": "json_object"}}, "cannot be combined")]
+        for extra, fragment in cases:
+            with self.assertRaises(gdp.BadRequest) as caught:
+                self.plan(**extra)
+            self.assertIn(fragment, caught.exception.message, extra)
+
+    def test_answer_translation(self):
+        plan = self.plan()
+        message = {"id": "msg_1", "content": [
+            {"type": "thinking", "thinking": "hmm", "signature": "s"}, {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"q": "é"}}],
+            "stop_reason": "tool_use",
+            "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100,
+                      "cache_creation_input_tokens": 20}}
+        out = gdp.anthropic_to_chat(message, plan, 123)
+        choice = out["choices"][0]
+        self.assertEqual((out["object"], out["id"], out["created"], out["model"]),
+                         ("chat.completion", "chatcmpl-msg_1", 123, "claude-sonnet-4-6"))
+        self.assertEqual(choice["finish_reason"], "tool_calls")
+        self.assertEqual(choice["message"]["content"], "Let me look.")
+        self.assertEqual(choice["message"]["reasoning_content"], "hmm")
+        self.assertEqual(choice["message"]["tool_calls"], [{"id": "toolu_1", "type": "function", "function": {
+            "name": "look", "arguments": '{"q": "é"}'}}])
+        self.assertEqual(out["usage"], {"prompt_tokens": 130, "completion_tokens": 5, "total_tokens": 135,
+                                        "prompt_tokens_details": {"cached_tokens": 100},
+                                        "completion_tokens_details": {"reasoning_tokens": 0}})
+        for stop, finish in (("end_turn", "stop"), ("max_tokens", "length"), ("stop_sequence", "stop"),
+                             ("refusal", "content_filter")):
+            out = gdp.anthropic_to_chat({"content": [{"type": "text", "text": "x"}], "stop_reason": stop}, plan, 1)
+            self.assertEqual(out["choices"][0]["finish_reason"], finish)
+        json_plan = self.plan(response_format={"type": "json_object"})
+        out = gdp.anthropic_to_chat({"content": [{"type": "tool_use", "name": gdp.JSON_TOOL, "input": {"a": 1}}],
+                                     "stop_reason": "tool_use"}, json_plan, 1)
+        self.assertEqual((out["choices"][0]["message"]["content"], out["choices"][0]["finish_reason"]), ('{"a": 1}', "stop"))
+        self.assertNotIn("tool_calls", out["choices"][0]["message"])
+
+    def chunks(self, plan, frames):
+        usage = {}
+        stream = gdp.ChatStream(plan, usage, 7)
+        out = b"".join(stream.feed(f) for f in frames)
+        self.assertTrue(stream.complete)
+        self.assertTrue(out.endswith(b"data: [DONE]\n\n"))
+        return [json.loads(line[6:]) for line in out.decode().split("\n\n")
+                if line.startswith("data: {")]
+
+    def test_stream_translation_with_thinking_and_split_tool_arguments(self):
+        chunks = self.chunks(self.plan(stream=True, stream_options={"include_usage": True}),
+                             rich_stream("claude-sonnet-4-6"))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        self.assertEqual(deltas[0], {"role": "assistant", "content": ""})
+        self.assertEqual(deltas[1], {"reasoning_content": "Let me check the weather."})
+        self.assertEqual(deltas[2], {"tool_calls": [{"index": 0, "id": "toolu_01", "type": "function",
+                                                     "function": {"name": "get_weather", "arguments": ""}}]})
+        arguments = "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas[3:] if "tool_calls" in d)
+        self.assertEqual(json.loads(arguments), {"city": "Paris"})
+        self.assertTrue(all(d["tool_calls"][0]["index"] == 0 for d in deltas[2:] if "tool_calls" in d))
+        finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        self.assertEqual([c["choices"][0]["finish_reason"] for c in finals], ["tool_calls"])
+        self.assertEqual(chunks[-1]["choices"], [])
+        self.assertEqual(chunks[-1]["usage"]["prompt_tokens"], 2130)
+        self.assertEqual(chunks[-1]["usage"]["completion_tokens"], 40)
+        self.assertTrue(all(c["object"] == "chat.completion.chunk" and c["id"] == "chatcmpl-msg_02" for c in chunks))
+        self.assertTrue(all("usage" in c for c in chunks))
+
+    def test_stream_translation_of_text_and_json_mode(self):
+        chunks = self.chunks(self.plan(stream=True), text_stream("m"))
+        self.assertEqual("".join(c["choices"][0]["delta"].get("content", "") for c in chunks), "Hello!")
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+        self.assertFalse(any("usage" in c for c in chunks))
+        json_frames = rich_stream("m")[:1] + [
+            sse("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                "type": "tool_use", "id": "t", "name": gdp.JSON_TOOL, "input": {}}}),
+            sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": '{"a":'}}),
+            sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                "type": "input_json_delta", "partial_json": ' 1}'}}),
+            sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {}}),
+            sse("message_stop", {"type": "message_stop"})]
+        chunks = self.chunks(self.plan(stream=True, response_format={"type": "json_object"}), json_frames)
+        self.assertEqual(json.loads("".join(c["choices"][0]["delta"].get("content", "") for c in chunks)), {"a": 1})
+        self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
+
+
+class OpenAIRouteTests(ProxyTestCase):
+    def chat(self, payload, **kw):
+        return self.request("POST", "/v1/chat/completions", payload,
+                            dict({"Authorization": "Bearer sk-dummy", "Content-Type": "application/json"},
+                                 **kw.pop("headers", {})), **kw)
+
+    def test_claude_through_chat_completions(self):
+        resp = self.chat({"model": "claude-sonnet-4-6", "messages": [
+            {"role": "system", "content": "s"}, {"role": "user", "content": "hi"}], "max_tokens": 50})
+        self.assertEqual(resp.status, 200, resp.body)
+        data = resp.json()
+        self.assertEqual(data["choices"][0]["message"], {"role": "assistant", "content": "Hello!"})
+        self.assertEqual(data["usage"]["prompt_tokens"], 12)
+        self.assertEqual(resp.headers["Content-Type"], "application/json")
+        call = self.gateway_calls()[0]
+        self.assertEqual(call.path, "/ai/v1/proxy/anthropic/v1/messages")
+        self.assertEqual(call.json()["system"], "s")
+        self.assertEqual(call.headers["anthropic-version"], "2023-06-01")
+        self.assertNotIn("sk-dummy", str(call.headers.items()))
+
+    def test_claude_stream_through_chat_completions(self):
+        self.gateway.script = [lambda h, r: h.send_stream(rich_stream("claude-sonnet-4-6"))]
+        resp = self.chat({"model": "sonnet", "stream": True, "stream_options": {"include_usage": True},
+                          "messages": [{"role": "user", "content": "weather?"}]})
+        self.assertEqual(resp.headers["Content-Type"], "text/event-stream")
+        lines = [line for line in resp.body.decode().split("\n\n") if line]
+        self.assertEqual(lines[-1], "data: [DONE]")
+        first = json.loads(lines[0][6:])
+        self.assertEqual(first["model"], "claude-sonnet-5")
+        self.assertEqual(self.gateway_calls()[0].json()["stream"], True)
+
+    def test_gpt_models_are_relayed_to_the_openai_proxy(self):
+        resp = self.chat({"model": "duo-chat-gpt-5-1", "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(resp.json()["choices"][0]["message"]["content"], "Hi from GPT")
+        call = self.gateway_calls()[0]
+        self.assertEqual(call.path, "/ai/v1/proxy/openai/v1/chat/completions")
+        self.assertEqual(json.loads(call.body), {"model": "gpt-5.1-2025-11-13", "max_completion_tokens": 20,
+                                                 "messages": [{"role": "user", "content": "hi"}]})
+        self.assertIsNone(call.headers.get("anthropic-version"))
+        resp = self.chat({"model": "gpt-5-mini-2025-08-07", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        self.assertEqual(resp.body, b"".join(openai_chat_stream("gpt-5-mini-2025-08-07")))
+
+    def test_responses_api(self):
+        resp = self.request("POST", "/v1/responses", {"model": "gpt-5-codex", "input": "hi", "stream": True},
+                            {"Authorization": "Bearer x"})
+        self.assertEqual(resp.body, b"".join(responses_stream("gpt-5-codex")))
+        self.assertEqual(self.gateway_calls()[0].path, "/ai/v1/proxy/openai/v1/responses")
+        resp = self.request("POST", "/v1/responses", {"model": "claude-opus-4-6", "input": "hi"})
+        self.assertEqual(resp.status, 400)
+        self.assertIn("/v1/chat/completions", resp.json()["error"]["message"])
+
+    def test_errors_come_in_openai_shape(self):
+        resp = self.chat(b"{nope")
+        self.assertEqual(resp.status, 400)
+        self.assertEqual(set(resp.json()["error"]), {"message", "type", "param", "code"})
+        self.gateway.script = [lambda h, r: h.send_json(400, {"type": "error", "error": {
+            "type": "invalid_request_error", "message": "prompt is too long: 300000 tokens > 200000 maximum"}})]
+        resp = self.chat({"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(resp.json()["error"]["code"], "context_length_exceeded")
+        self.gateway.script = [lambda h, r: h.send_json(402, {"error": "insufficient_credits", "error_code":
+                                                              "USAGE_QUOTA_EXCEEDED", "message": "quota"})]
+        resp = self.chat({"model": "gpt-5-codex", "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual((resp.status, resp.json()["error"]["type"]), (402, "insufficient_quota"))
+        gpt_error = {"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": "c"}}
+        self.gateway.script = [lambda h, r: h.send_json(400, gpt_error)]
+        resp = self.chat({"model": "gpt-5-codex", "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(resp.json(), gpt_error)
+
+    def test_mid_stream_failure_is_an_openai_error_chunk(self):
+        self.gateway.script = [stream_then(text_stream("claude-sonnet-4-6")[:4], FakeHandler.reset)]
+        with self.assertLogs("gitlab_duo_proxy", "WARNING"):
+            resp = self.chat({"model": "claude-sonnet-4-6", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+        last = resp.body.decode().strip().split("\n\n")[-1]
+        self.assertIn("broke mid-stream", json.loads(last[6:])["error"]["message"])
+
+    def test_proxy_key_rules_apply(self):
+        proxy = self.make_proxy(api_key=PROXY_KEY)
+        payload = {"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "x"}]}
+        resp = self.chat(payload, proxy=proxy)
+        self.assertEqual((resp.status, resp.json()["error"]["type"]), (401, "authentication_error"))
+        self.assertEqual(self.chat(payload, proxy=proxy, headers={"Authorization": "Bearer " + PROXY_KEY}).status, 200)
+
+    def test_models_list_serves_both_schemas(self):
+        data = self.request("GET", "/v1/models", headers={"Authorization": "Bearer x"}).json()
+        ids = [m["id"] for m in data["data"]]
+        self.assertIn("gpt-5-codex", ids)
+        self.assertEqual(data["object"], "list")
+        entry = next(m for m in data["data"] if m["id"] == "gpt-5-codex")
+        self.assertEqual((entry["object"], entry["owned_by"], entry["type"]), ("model", "openai", "model"))
+        self.assertIsInstance(entry["created"], int)
