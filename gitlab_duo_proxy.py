@@ -25,6 +25,7 @@ import calendar
 import collections
 import email.utils
 import hmac
+import html
 import http.client
 import http.server
 import ipaddress
@@ -246,7 +247,7 @@ OPTIONS = (
     Option("port", "PORT", "--port", 4141, "port", "port to listen on (0: any free port)"),
     Option("default_model", "DEFAULT_MODEL", "--default-model", DEFAULT_MODEL, "str",
            "model used when a request names none; aliases allowed"),
-    Option("models", "MODELS", "--models", "", "str",
+    Option("models", "MODELS", "--catalog", "", "str",
            "model catalog: comma-separated ids replacing the built-in list, or +id / -id "
            "entries that add to or remove from it"),
     Option("api_key", "PROXY_API_KEY", "--api-key", "", "secret",
@@ -541,14 +542,16 @@ def is_loopback(host):
 
 
 def validate_config(config, args):
-    needs_token = not (config.per_user or getattr(args, "print_env", None)
-                       or getattr(args, "goose_config", None))
+    needs_token = not (config.per_user or args.print_env or args.goose_config)
     if needs_token and not config.token_source:
         raise ConfigError("no GitLab token: set GITLAB_TOKEN (in the environment or .env), "
                           "GITLAB_TOKEN_FILE or GITLAB_TOKEN_COMMAND, or use --per-user")
-    if config.per_user and config.token_source:
+    if config.per_user and config.token_source and not getattr(args, "check", False):
         raise ConfigError("--per-user takes each client's own GitLab token; unset %s"
                           % config.token_source.split(" ")[0])
+    if config.per_user and config.api_key:
+        raise ConfigError("--per-user uses each client's GitLab token as its key; PROXY_API_KEY "
+                          "cannot be combined with it")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if not is_loopback(config.host) and not (config.api_key or config.per_user
@@ -2552,13 +2555,27 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.config.client_timeout
         self.ctx = RequestContext("", self.server.new_request_id)
+        self.handshake_failed = False
         tls = self.server.tls_context
         if tls is not None:
+            # The handshake runs here, in the connection's own thread, not in the accept loop.
             self.request.settimeout(self.timeout)
-            self.request = self.connection = tls.wrap_socket(self.request, server_side=True)
+            try:
+                self.request = self.connection = tls.wrap_socket(self.request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                self.handshake_failed = True
+                log.info("TLS handshake with %s failed (%s)", self.client_address[0],
+                         getattr(exc, "reason", None) or exc.__class__.__name__)
+                return
         super().setup()
 
+    def handle(self):
+        if not self.handshake_failed:
+            super().handle()
+
     def finish(self):
+        if self.handshake_failed:
+            return  # wrap_socket closed the connection already
         try:
             super().finish()
         finally:
@@ -2657,30 +2674,44 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 headers={"Allow": ", ".join(sorted(methods))})
         ctx.route = name
         if name not in OPEN_ROUTES:
-            self.authorize()
+            self.authorize(verify_user=name == "stats")
         getattr(self, "route_" + name)(query)
 
     # --- authentication
 
     def presented_key(self):
+        """The key a client sent: x-api-key, a Bearer token, or a browser's Basic password."""
         key = self.headers.get("x-api-key")
         if key:
             return key.strip()
         scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else ""
+        if scheme.lower() == "bearer":
+            return value.strip()
+        if scheme.lower() == "basic":
+            try:
+                return base64.b64decode(value.strip(), validate=True).decode("latin-1").partition(":")[2]
+            except ValueError:
+                return ""
+        return ""
 
-    def authorize(self):
+    def authorize(self, verify_user=False):
+        """Check the proxy key (team mode: take the client's GitLab token; verify_user also
+        proves it works, for pages that are not the user's own requests)."""
         config = self.server.config
         key = self.presented_key()
+        challenge = {"WWW-Authenticate": 'Basic realm="%s", charset="UTF-8"' % NAME}
         if config.per_user:
             if not key:
                 raise Unauthorized("team mode: send your own GitLab token as the API key "
-                                   "(x-api-key or Authorization: Bearer)")
+                                   "(x-api-key or Authorization: Bearer)", headers=challenge)
             self.user_token = key
+            if verify_user:
+                self.token_cache().get()
         elif config.api_key and not hmac.compare_digest(key.encode("latin-1", "replace"),
                                                          self.server.api_key_bytes):
             raise Unauthorized("missing or wrong proxy API key: send PROXY_API_KEY as x-api-key "
-                               "or Authorization: Bearer")
+                               "or Authorization: Bearer (browsers: any user name, the key as "
+                               "password)", headers=challenge)
 
     def token_cache(self):
         if self.server.config.per_user:
@@ -2760,7 +2791,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # --- routes
 
     def route_status(self, query):
+        # Browsers get the usage page (behind the key); API clients the open health answer.
+        if "text/html" in (self.headers.get("Accept") or ""):
+            self.authorize(verify_user=True)
+            page = render_status_page(self.server.stats_snapshot()).encode("utf-8")
+            return self.respond(200, page, [("Content-Type", "text/html; charset=utf-8"),
+                                            ("Cache-Control", "no-store")])
         self.respond_json(200, self.server.status())
+
+    def route_stats(self, query):
+        self.respond_json(200, self.server.stats_snapshot(), [("Cache-Control", "no-store")])
 
     def route_list_models(self, query):
         limit, after_id, before_id = parse_page_args(query)
@@ -3074,6 +3114,55 @@ class Stats:
                 "models": models, "upstream_latency_ms": percentiles(latencies)}
 
 
+def render_status_page(snap):
+    """The statistics as one self-contained HTML page (inline CSS, no scripts, refreshes)."""
+    esc = html.escape
+    token = snap["gateway_token"]
+    latency = snap["upstream_latency_ms"]
+    routes = "".join("<tr><td>%s</td><td>%d</td><td>%d</td></tr>" % (
+        esc(name), c.get("requests", 0), c.get("errors", 0)) for name, c in sorted(snap["routes"].items()))
+    models = "".join("<tr><td>%s</td>%s</tr>" % (esc(name), "".join(
+        "<td>%d</td>" % c.get(k, 0) for k in ("requests", "errors", "input", "output", "cache_read", "cache_creation")))
+        for name, c in sorted(snap["models"].items()))
+    token_text = token["state"] + (" (expires in %d min)" % (token["expires_in"] // 60) if "expires_in" in token else "")
+    return STATUS_PAGE % {
+        "version": esc(snap["version"]), "uptime": format_duration(snap["uptime_seconds"]),
+        "token": esc(token_text), "p50": latency.get("p50", "-"), "p90": latency.get("p90", "-"),
+        "p99": latency.get("p99", "-"), "count": latency["count"],
+        "routes": routes or '<tr><td colspan="3">no requests yet</td></tr>',
+        "models": models or '<tr><td colspan="7">no model calls yet</td></tr>'}
+
+
+def format_duration(seconds):
+    hours, rest = divmod(int(seconds), 3600)
+    return "%dh %02dm" % (hours, rest // 60) if hours else "%dm %02ds" % divmod(rest, 60)
+
+
+STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
+<title>gitlab-duo-proxy</title>
+<style>
+body{font:15px/1.4 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222;padding:0 1em}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
+.cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em}
+.card b{display:block;font-size:1.3em}table{border-collapse:collapse;width:100%%}
+td,th{border-bottom:1px solid #eee;padding:.3em .6em;text-align:right}td:first-child,th:first-child{text-align:left}
+</style></head><body>
+<h1>gitlab-duo-proxy %(version)s</h1>
+<div class="cards">
+<div class="card">uptime<b id="uptime">%(uptime)s</b></div>
+<div class="card">gateway token<b id="token">%(token)s</b></div>
+<div class="card">upstream latency p50 / p90 / p99<b id="latency">%(p50)s / %(p90)s / %(p99)s ms</b>
+over %(count)s calls</div></div>
+<h2>Requests by route</h2><table id="routes"><tr><th>route</th><th>requests</th><th>errors</th></tr>
+%(routes)s</table>
+<h2>Tokens by model</h2><table id="models"><tr><th>model</th><th>requests</th><th>errors</th><th>input</th>
+<th>output</th><th>cache read</th><th>cache write</th></tr>
+%(models)s</table>
+</body></html>
+"""
+
+
 def percentiles(values):
     if not values:
         return {"count": 0}
@@ -3143,6 +3232,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 "anthropic_base": config.gateway_base + ANTHROPIC_PROXY,
                 "default_model": self.catalog.default_model, "models": len(self.catalog.models),
                 "gateway_token": token}
+
+    def stats_snapshot(self):
+        snapshot = self.stats.snapshot()
+        snapshot.update(name=NAME, version=__version__, gateway_token=self.status()["gateway_token"],
+                        upstream_connections_opened=dict(self.pool.opened))
+        return snapshot
 
     def redact(self, text):
         """text with every secret the proxy knows, and anything token-shaped, masked."""
@@ -3223,10 +3318,245 @@ class FixedCredential:
         return False
 
 
+# === Doctor and client set-up ===
+
+CHECK_MARKS = ("\u2713", "\u2717")
+
+
+class Doctor:
+    """--check: each step prints one line, with a fix on failure; later steps need the
+    earlier ones, so the first failure ends the run."""
+
+    def __init__(self, config, out, runner=None, clock=time.time):
+        self.config, self.out, self.clock = config, out, clock
+        self.pool = ConnectionPool(config)
+        self.upstream = Upstream(config, self.pool, threading.Event())
+        self.credentials = CredentialSource(config, runner)
+        self.catalog = Catalog(build_catalog(config.models), config.default_model)
+        self.payload = None
+        encoding = getattr(out, "encoding", None) or "ascii"
+        try:
+            "".join(CHECK_MARKS).encode(encoding)
+            self.marks = CHECK_MARKS
+        except (UnicodeEncodeError, LookupError):
+            self.marks = ("OK  ", "FAIL")
+
+    def run(self, inference=True, models=False):
+        steps = [self.check_config, self.check_instance]
+        if self.config.per_user and not self.config.token_source:
+            self.line(True, "team mode: each client brings its own token; set GITLAB_TOKEN to check one")
+        else:
+            steps += [self.check_token, self.check_exchange]
+            steps += [self.check_inference] if inference else []
+            steps += [self.check_models] if models else []
+        try:
+            return all(step() for step in steps)
+        finally:
+            self.pool.close()
+
+    def line(self, ok, text, fix=None):
+        self.out.write("%s %s\n" % (self.marks[0 if ok else 1], text))
+        if fix and not ok:
+            self.out.write("    fix: %s\n" % fix)
+        self.out.flush()
+        return ok
+
+    def check_config(self):
+        config = self.config
+        return self.line(True, "configuration: GitLab %s, gateway %s, default model %s, token from %s"
+                         % (config.instance_url, config.gateway_base, self.catalog.default_model,
+                            config.token_source or "each client"))
+
+    def get(self, path, token=None):
+        """(status, JSON or None, headers) of a GET on the GitLab instance."""
+        fields = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if token:
+            fields["Authorization"] = "Bearer " + token
+        conn, resp = self.pool.send(self.upstream.gitlab, "GET", self.upstream.gitlab.path + path, b"",
+                                    encode_header_block(fields), self.config.token_timeout)
+        raw = Reply(self.pool, self.upstream.gitlab, conn, resp).read_all()
+        try:
+            return resp.status, json.loads(raw.decode("utf-8")), resp.headers
+        except ValueError:
+            return resp.status, None, resp.headers
+
+    def check_instance(self):
+        try:
+            status, _, _ = self.get("/api/v4/version")
+        except (OSError, http.client.HTTPException, ProxyError) as exc:
+            reason = exc.message if isinstance(exc, ProxyError) else describe_network_error(exc, self.upstream.gitlab)
+            return self.line(False, "GitLab instance %s is not reachable: %s" % (self.config.instance_url, reason),
+                             "check GITLAB_INSTANCE_URL, your network, HTTPS_PROXY/NO_PROXY and GITLAB_CA_BUNDLE")
+        return self.line(True, "GitLab instance %s answers (HTTP %d)" % (self.config.instance_url, status))
+
+    def check_token(self):
+        try:
+            token = self.credentials.get()
+            status, user, _ = self.get("/api/v4/user", token)
+        except ProxyError as exc:
+            return self.line(False, "GitLab token: %s" % exc.message, "fix %s" % self.config.token_source)
+        except (OSError, http.client.HTTPException) as exc:
+            return self.line(False, "GitLab token check failed: %s" % describe_network_error(exc, self.upstream.gitlab))
+        if status != 200 or not isinstance(user, dict):
+            return self.line(False, "GitLab rejected the token (HTTP %d)" % status,
+                             "create a personal access token with scope api (User settings > Access tokens) "
+                             "and put it in %s" % (self.config.token_source or "GITLAB_TOKEN"))
+        return self.line(True, "token valid: signed in as %s%s" % (user.get("username", "?"), self.scopes(token)))
+
+    def scopes(self, token):
+        try:
+            status, info, _ = self.get("/api/v4/personal_access_tokens/self", token)
+        except (OSError, http.client.HTTPException):
+            return ""
+        if status != 200 or not isinstance(info, dict) or not isinstance(info.get("scopes"), list):
+            return ""  # an OAuth token, or an instance too old to say
+        scopes = ", ".join(str(x) for x in info["scopes"])
+        expiry = " (expires %s)" % info["expires_at"] if info.get("expires_at") else ""
+        return "; token scopes: %s%s" % (scopes, expiry)
+
+    def check_exchange(self):
+        try:
+            self.payload = self.upstream.exchange(self.credentials)
+            token = gateway_token_from(self.payload, self.clock())
+        except ProxyError as exc:
+            return self.line(False, "Duo token exchange failed: %s" % exc.message)
+        left = "expires in %d min" % ((token.expires_at - self.clock()) // 60) if token.expires_at else "no expiry given"
+        return self.line(True, "Duo token exchange works (%s, %d gateway headers)" % (left, len(token.headers)))
+
+    def tiny_request(self, model):
+        """None if the gateway answers model with a one-token reply; else why not."""
+        tokens = TokenCache(lambda: self.payload, self.clock)
+        ctx = RequestContext("CHECK", lambda: "doctor")
+        if self.catalog.provider(model) == "openai":
+            api, path = "openai", "/v1/chat/completions"
+            body = {"model": model, "max_completion_tokens": 16, "messages": [{"role": "user", "content": "ping"}]}
+        else:
+            api, path = "anthropic", "/v1/messages"
+            body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        try:
+            reply = self.upstream.call(tokens, api, path, json.dumps(body).encode(), Headers([]), ctx)
+            raw = reply.read_all()
+        except ProxyError as exc:
+            return exc.message
+        if reply.status == 200:
+            return None
+        error = translate_gateway_error(reply.status, raw, model, self.catalog.ids(), api)
+        return "HTTP %d: %s" % (reply.status, json.loads(error.body())["error"]["message"]
+                                if isinstance(error, PassThrough) else error.message)
+
+    def check_inference(self):
+        model = self.catalog.default_model
+        problem = self.tiny_request(model)
+        if problem:
+            return self.line(False, "gateway %s refused %s: %s" % (self.config.gateway_base, model, problem),
+                             "check DEFAULT_MODEL against GitLab's model list, and GITLAB_AI_GATEWAY_URL")
+        return self.line(True, "gateway %s answers with %s" % (self.config.gateway_base, model))
+
+    def check_models(self):
+        ok = True
+        for model in self.catalog.ids():
+            problem = self.tiny_request(model)
+            ok = self.line(problem is None, "model %s%s" % (model, ": " + problem if problem else ""),
+                           "remove it with MODELS=-%s, or pick the models GitLab lists" % model) and ok
+        return ok
+
+
+def default_goose_path():
+    if os.name == "nt":
+        base = os.path.join(os.path.expandvars("%APPDATA%"), "Block", "goose", "config")
+    else:
+        base = os.path.join(os.path.expanduser("~"), ".config", "goose")
+    return os.path.join(base, "custom_providers", "gitlab_duo.json")
+
+
+def proxy_base_url(config):
+    """The address clients on this machine use (a wildcard bind is reached on loopback)."""
+    host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = "[%s]" % host if ":" in host else host
+    return "%s://%s:%d" % ("https" if config.tls_cert else "http", host, config.port)
+
+
+def goose_provider(config, catalog):
+    """Goose's custom provider definition for this proxy (the key stays in the environment)."""
+    return {"name": "gitlab_duo", "engine": "anthropic", "display_name": "GitLab Duo",
+            "description": "Claude through your GitLab Duo subscription, via gitlab-duo-proxy",
+            "api_key_env": "GITLAB_DUO_PROXY_KEY", "base_url": proxy_base_url(config),
+            "models": [{"name": m.id, "context_limit": m.context_window} for m in catalog.models
+                       if m.provider == "anthropic"],
+            "supports_streaming": True, "requires_auth": bool(config.api_key or config.per_user),
+            "timeout_seconds": 600}
+
+
+def write_goose_config(config, path, force=False):
+    """(exit status, message): writes the file unless a different one is there."""
+    catalog = Catalog(build_catalog(config.models), config.default_model)
+    text = json.dumps(goose_provider(config, catalog), indent=2) + "\n"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            current = fh.read()
+    except FileNotFoundError:
+        current = None
+    except OSError as exc:
+        return 1, "cannot read %s: %s" % (path, exc.strerror)
+    if current == text:
+        return 0, "%s is already up to date" % path
+    if current is not None and not force:
+        return 1, "%s exists with other content; pass --force to replace it" % path
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(text)
+    except OSError as exc:
+        return 1, "cannot write %s: %s" % (path, exc.strerror)
+    note = "" if not goose_provider(config, catalog)["requires_auth"] else \
+        "; export GITLAB_DUO_PROXY_KEY with your proxy key before starting Goose"
+    return 0, "wrote %s (provider gitlab_duo, %d models)%s" % (path, len(catalog.ids("anthropic")), note)
+
+
+CLIENT_ENV = {
+    "claude-code": lambda base, key, c: [
+        ("ANTHROPIC_BASE_URL", base), ("ANTHROPIC_AUTH_TOKEN", key),
+        ("ANTHROPIC_MODEL", c.default_model), ("ANTHROPIC_DEFAULT_OPUS_MODEL", c.resolve("opus")),
+        ("ANTHROPIC_DEFAULT_SONNET_MODEL", c.resolve("sonnet")),
+        ("ANTHROPIC_DEFAULT_HAIKU_MODEL", c.resolve("haiku")),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")],
+    "goose": lambda base, key, c: [
+        ("GOOSE_PROVIDER", "anthropic"), ("ANTHROPIC_HOST", base), ("ANTHROPIC_API_KEY", key),
+        ("GOOSE_MODEL", c.default_model)],
+    "anthropic-sdk": lambda base, key, c: [("ANTHROPIC_BASE_URL", base), ("ANTHROPIC_API_KEY", key)],
+    "openai-sdk": lambda base, key, c: [("OPENAI_BASE_URL", base + "/v1"), ("OPENAI_API_KEY", key)],
+    "codex": lambda base, key, c: [("OPENAI_BASE_URL", base + "/v1"), ("OPENAI_API_KEY", key)],
+}
+
+
+def client_env_lines(config, tool, shell="posix"):
+    """Ready-to-paste exports pointing tool at this proxy."""
+    catalog = Catalog(build_catalog(config.models), config.default_model)
+    key = "<your GitLab token>" if config.per_user else (config.api_key or "not-needed")
+    pairs = CLIENT_ENV[tool](proxy_base_url(config), key, catalog)
+    if shell == "powershell":
+        return ["$env:%s = '%s'" % (k, v.replace("'", "''")) for k, v in pairs]
+    return ["export %s=%s" % (k, shlex.quote(v)) for k, v in pairs]
+
+
 # === Main ===
 
 def add_action_arguments(parser):
-    """Flags that do something other than serve (none in the core)."""
+    """Flags that do something other than serve."""
+    group = parser.add_argument_group("actions (instead of serving)")
+    group.add_argument("--check", action="store_true",
+                       help="diagnose: configuration, GitLab, token, Duo token exchange, gateway")
+    group.add_argument("--no-inference", action="store_true",
+                       help="with --check: skip the one-token request to the default model")
+    group.add_argument("--models", action="store_true",
+                       help="with --check: try every catalog model (one tiny request each)")
+    group.add_argument("--goose-config", nargs="?", const=default_goose_path(), metavar="PATH",
+                       help="write Goose's custom provider file (default: %s)" % default_goose_path())
+    group.add_argument("--force", action="store_true", help="with --goose-config: replace a different file")
+    group.add_argument("--print-env", metavar="TOOL", choices=sorted(CLIENT_ENV),
+                       help="print shell exports for %s" % ", ".join(sorted(CLIENT_ENV)))
+    group.add_argument("--shell", choices=("posix", "powershell"), default="posix",
+                       help="with --print-env: syntax of the exports (default: posix)")
 
 
 def setup_logging(config, stream=None):
@@ -3287,12 +3617,30 @@ def release_freed_memory():
         pass  # not glibc (musl has no malloc_trim): the memory simply stays
 
 
+def run_action(config, args):
+    """--print-env, --goose-config or --check; None when the proxy should serve instead."""
+    if args.print_env:
+        print("\n".join(client_env_lines(config, args.print_env, args.shell)))
+        return 0
+    if args.goose_config:
+        status, message = write_goose_config(config, os.path.expanduser(args.goose_config), args.force)
+        print(message, file=sys.stderr if status else sys.stdout)
+        return status
+    if args.check:
+        ok = Doctor(config, sys.stdout).run(inference=not args.no_inference, models=args.models)
+        return 0 if ok else 1
+    return None
+
+
 def main(argv=None):
     try:
         config, args, warnings = load_config(argv)
         setup_logging(config)
         for warning in warnings:
             log.warning(warning)
+        status = run_action(config, args)
+        if status is not None:
+            return status
         server = ProxyServer(config)
     except ConfigError as exc:
         print("%s: error: %s" % (NAME, exc), file=sys.stderr)

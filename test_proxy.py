@@ -8,6 +8,7 @@ import http.client
 import http.server
 import io
 import json
+import logging
 import os
 import random
 import re
@@ -177,6 +178,7 @@ class DuoState:
         self.revoked = set()
         self.gitlab_tokens = {GITLAB_TOKEN}
         self.lifetime = 3600
+        self.scopes = ["api"]
 
     def issue(self):
         with self.lock:
@@ -313,11 +315,15 @@ class FakeGitLabHandler(FakeHandler):
         srv = self.server
         srv.record(self, b"")
         auth = self.headers.get("Authorization", "")
-        if self.path != "/api/v4/user":
+        if self.path not in ("/api/v4/user", "/api/v4/version", "/api/v4/personal_access_tokens/self"):
             return self.send_json(404, {"message": "404 Not Found"})
         if auth[7:] not in srv.state.gitlab_tokens:
             return self.send_json(401, {"message": "401 Unauthorized"})
-        self.send_json(200, {"id": 7, "username": "ada"}, [("X-Oauth-Scopes", "api")])
+        if self.path == "/api/v4/version":
+            return self.send_json(200, {"version": "18.6.0-ee"})
+        if self.path.endswith("/self"):
+            return self.send_json(200, {"name": "duo", "scopes": srv.state.scopes, "expires_at": "2027-01-31"})
+        self.send_json(200, {"id": 7, "username": "ada"})
 
 
 GATEWAY_PATHS = {  # compared with the query string, exactly
@@ -2375,3 +2381,373 @@ class OpenAIRouteTests(ProxyTestCase):
         entry = next(m for m in data["data"] if m["id"] == "gpt-5-codex")
         self.assertEqual((entry["object"], entry["owned_by"], entry["type"]), ("model", "openai", "model"))
         self.assertIsInstance(entry["created"], int)
+
+
+# --- doctor, client set-up, token sources, team mode, statistics ------------------------
+
+class DoctorTests(ProxyTestCase):
+    def doctor(self, encoding="utf-8", **overrides):
+        overrides.setdefault("instance_url", self.gitlab.url)
+        overrides.setdefault("gateway_url", self.gateway.url)
+        out = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+        return gdp.Doctor(base_config(**overrides), out, clock=self.clock), out
+
+    def run_doctor(self, inference=True, every_model=False, **overrides):
+        doctor, out = self.doctor(**overrides)
+        ok = doctor.run(inference=inference, models=every_model)
+        return ok, out.buffer.getvalue().decode("utf-8")
+
+    def test_all_checks_pass(self):
+        ok, text = self.run_doctor(every_model=True)
+        self.assertTrue(ok, text)
+        lines = text.splitlines()
+        self.assertTrue(all(line.startswith("\u2713") for line in lines), text)
+        self.assertIn("signed in as ada; token scopes: api (expires 2027-01-31)", text)
+        self.assertIn("Duo token exchange works (expires in 60 min", text)
+        self.assertIn("answers with claude-sonnet-4-6", text)
+        self.assertEqual(sum(line.startswith("\u2713 model ") for line in lines), len(gdp.MODEL_CATALOG))
+        self.assertNotIn(GITLAB_TOKEN, text)
+
+    def test_unreachable_instance(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ok, text = self.run_doctor(instance_url="http://127.0.0.1:%d" % port)
+        self.assertFalse(ok)
+        self.assertIn("\u2717 GitLab instance http://127.0.0.1:%d is not reachable" % port, text)
+        self.assertIn("fix: check GITLAB_INSTANCE_URL", text)
+        self.assertEqual(len(text.splitlines()), 3)  # config ok, instance failed, its fix; nothing after
+
+    def test_invalid_token(self):
+        self.duo.gitlab_tokens.clear()
+        ok, text = self.run_doctor()
+        self.assertFalse(ok)
+        self.assertIn("\u2717 GitLab rejected the token (HTTP 401)", text)
+        self.assertIn("scope api", text)
+
+    def test_exchange_refused(self):
+        self.gitlab.script = [lambda h: h.send_json(403, {"message": "403 Forbidden"})]
+        ok, text = self.run_doctor()
+        self.assertFalse(ok)
+        self.assertIn("\u2717 Duo token exchange failed", text)
+        self.assertIn("third-party agents", text)
+
+    def test_gateway_refuses_the_default_model(self):
+        ok, text = self.run_doctor(default_model="claude-nonexistent-1")
+        self.assertFalse(ok)
+        self.assertIn("refused claude-nonexistent-1: HTTP 400", text)
+        ok, text = self.run_doctor(inference=False, default_model="claude-nonexistent-1")
+        self.assertTrue(ok, text)
+
+    def test_models_lists_the_ones_the_gateway_rejects(self):
+        ok, text = self.run_doctor(every_model=True, models="+claude-retired-1")
+        self.assertFalse(ok)
+        self.assertIn("\u2717 model claude-retired-1: HTTP 400", text)
+        self.assertIn("MODELS=-claude-retired-1", text)
+
+    def test_ascii_console_gets_plain_marks(self):
+        doctor, out = self.doctor(encoding="ascii")
+        self.assertTrue(doctor.run(inference=False))
+        self.assertTrue(out.buffer.getvalue().startswith(b"OK   configuration"))
+
+    def test_check_command_exit_status(self):
+        env = {"GITLAB_TOKEN": GITLAB_TOKEN, "GITLAB_INSTANCE_URL": self.gitlab.url,
+               "GITLAB_AI_GATEWAY_URL": self.gateway.url, "PYTHONIOENCODING": "utf-8"}
+        code, out, _ = run_script(["--check"], env, cwd=tempfile.mkdtemp())
+        self.assertEqual(code, 0, out)
+        self.duo.gitlab_tokens.clear()
+        code, out, _ = run_script(["--check"], env, cwd=tempfile.mkdtemp())
+        self.assertEqual(code, 1, out)
+
+
+class ClientSetupTests(unittest.TestCase):
+    def config(self, **kw):
+        return base_config(**kw)
+
+    def test_goose_config_is_written_from_the_catalog(self):
+        path = os.path.join(tempfile.mkdtemp(), "custom_providers", "gitlab_duo.json")
+        status, message = gdp.write_goose_config(self.config(port=4242, api_key=PROXY_KEY), path)
+        self.assertEqual(status, 0, message)
+        with open(path) as fh:
+            data = json.load(fh)
+        self.assertEqual((data["name"], data["engine"], data["base_url"]), ("gitlab_duo", "anthropic", "http://127.0.0.1:4242"))
+        self.assertEqual([m["name"] for m in data["models"]],
+                         [m.id for m in gdp.build_catalog("") if m.provider == "anthropic"])
+        self.assertEqual(data["models"][0]["context_limit"], 1000000)
+        self.assertTrue(data["requires_auth"])
+        self.assertEqual(data["api_key_env"], "GITLAB_DUO_PROXY_KEY")
+        self.assertNotIn(PROXY_KEY, json.dumps(data))
+        self.assertIn("export GITLAB_DUO_PROXY_KEY", message)
+
+    def test_goose_config_never_overwrites_a_different_file_without_force(self):
+        path = os.path.join(tempfile.mkdtemp(), "gitlab_duo.json")
+        with open(path, "w") as fh:
+            fh.write("{}")
+        status, message = gdp.write_goose_config(self.config(), path)
+        self.assertEqual(status, 1)
+        self.assertIn("--force", message)
+        with open(path) as fh:
+            self.assertEqual(fh.read(), "{}")
+        self.assertEqual(gdp.write_goose_config(self.config(), path, force=True)[0], 0)
+        status, message = gdp.write_goose_config(self.config(), path)
+        self.assertEqual((status, message.endswith("already up to date")), (0, True))
+        with open(path) as fh:
+            self.assertFalse(json.load(fh)["requires_auth"])
+
+    def test_print_env_for_every_tool_and_shell(self):
+        config = self.config(api_key="k'ey", port=5000)
+        for tool in ("claude-code", "goose", "anthropic-sdk", "openai-sdk", "codex"):
+            posix = gdp.client_env_lines(config, tool)
+            values = dict(shlex_pair(line) for line in posix)
+            self.assertTrue(any(v.startswith("http://127.0.0.1:5000") for v in values.values()), tool)
+            self.assertIn("k'ey", values.values())
+            powershell = gdp.client_env_lines(config, tool, "powershell")
+            self.assertTrue(all(line.startswith("$env:") for line in powershell))
+            self.assertIn("'k''ey'", "\n".join(powershell))
+        values = dict(shlex_pair(line) for line in gdp.client_env_lines(config, "claude-code"))
+        self.assertEqual(values["ANTHROPIC_DEFAULT_HAIKU_MODEL"], "claude-haiku-4-5-20251001")
+        self.assertEqual(values["ANTHROPIC_MODEL"], gdp.DEFAULT_MODEL)
+        self.assertEqual(dict(shlex_pair(line) for line in gdp.client_env_lines(config, "openai-sdk"))[
+            "OPENAI_BASE_URL"], "http://127.0.0.1:5000/v1")
+
+    def test_print_env_needs_no_token(self):
+        code, out, err = run_script(["--print-env", "goose"], {}, cwd=tempfile.mkdtemp())
+        self.assertEqual(code, 0, err)
+        self.assertIn("export ANTHROPIC_HOST=http://127.0.0.1:4141", out)
+
+
+def shlex_pair(line):
+    import shlex
+    name, _, value = line[len("export "):].partition("=")
+    return name, shlex.split(value)[0]
+
+
+class TokenSourceTests(ProxyTestCase):
+    def test_token_command_is_run_again_when_gitlab_rejects_the_token(self):
+        outputs = [(0, b"glpat-old-and-revoked\n"), (0, GITLAB_TOKEN.encode() + b"\n")]
+        runs = []
+
+        def runner(command):
+            runs.append(command)
+            return outputs.pop(0)
+        proxy = start_server(self, gdp.ProxyServer(base_config(
+            gitlab_token="", gitlab_token_command="pass show gitlab", token_source="GITLAB_TOKEN_COMMAND",
+            instance_url=self.gitlab.url, gateway_url=self.gateway.url), clock=self.clock, runner=runner))
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        self.assertEqual(runs, ["pass show gitlab"] * 2)
+        self.assertEqual([r.headers["Authorization"] for r in self.exchanges()],
+                         ["Bearer glpat-old-and-revoked", "Bearer " + GITLAB_TOKEN])
+
+    def test_failing_command_is_reported_without_its_output(self):
+        command = "%s -c \"print('SECRET-OUTPUT'); raise SystemExit(3)\"" % sys.executable
+        proxy = self.make_proxy(gitlab_token="", gitlab_token_command=command, token_source="GITLAB_TOKEN_COMMAND")
+        resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertEqual(resp.status, 401)
+        self.assertIn("GITLAB_TOKEN_COMMAND failed (exit status 3)", resp.error["message"])
+        self.assertNotIn("SECRET-OUTPUT", resp.body.decode())
+
+    def test_real_command_and_token_file(self):
+        command = "%s -c \"print('%s')\"" % (sys.executable, GITLAB_TOKEN)
+        proxy = self.make_proxy(gitlab_token="", gitlab_token_command=command, token_source="GITLAB_TOKEN_COMMAND")
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        path = os.path.join(tempfile.mkdtemp(), "token")
+        with open(path, "w") as fh:
+            fh.write(GITLAB_TOKEN + "\n")
+        proxy = self.make_proxy(gitlab_token="", gitlab_token_file=path, token_source="GITLAB_TOKEN_FILE")
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        os.remove(path)
+        proxy = self.make_proxy(gitlab_token="", gitlab_token_file=path, token_source="GITLAB_TOKEN_FILE")
+        resp = self.post("/v1/messages", SIMPLE, proxy=proxy)
+        self.assertIn("cannot read GITLAB_TOKEN_FILE", resp.error["message"])
+
+    def test_oauth_tokens_work_like_personal_access_tokens(self):
+        self.duo.gitlab_tokens.add("oauth-access-token-0123456789abcdef")
+        proxy = self.make_proxy(gitlab_token="oauth-access-token-0123456789abcdef")
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        self.assertEqual(self.exchanges()[0].headers["Authorization"], "Bearer oauth-access-token-0123456789abcdef")
+
+
+class TeamModeTests(ProxyTestCase):
+    ADA, BOB = "glpat-ADA000000000000000000", "glpat-BOB000000000000000000"
+
+    def setUp(self):
+        super().setUp()
+        self.duo.gitlab_tokens.update({self.ADA, self.BOB})
+        self.team = self.make_proxy(gitlab_token="", token_source="", per_user=True)
+
+    def as_user(self, token, payload=SIMPLE, **kw):
+        return self.post("/v1/messages", payload, {"x-api-key": token} if token else {}, proxy=self.team, **kw)
+
+    def test_each_user_exchanges_their_own_token(self):
+        for token in (self.ADA, self.BOB, self.ADA):
+            self.assertEqual(self.as_user(token).status, 200)
+        self.assertEqual(sorted(r.headers["Authorization"] for r in self.exchanges()),
+                         ["Bearer " + self.ADA, "Bearer " + self.BOB])
+        tokens_used = [c.headers["Authorization"] for c in self.gateway_calls()]
+        self.assertEqual(tokens_used[0], tokens_used[2])
+        self.assertNotEqual(tokens_used[0], tokens_used[1])
+        self.assertEqual(self.request("GET", "/", proxy=self.team).json()["gateway_token"],
+                         {"state": "per-user", "cached_users": 2})
+
+    def test_one_users_failure_never_affects_another(self):
+        resp = self.as_user("glpat-MALLORY00000000000000")
+        self.assertEqual((resp.status, resp.error["type"]), (401, "authentication_error"))
+        self.assertEqual(self.as_user(self.ADA).status, 200)
+        self.assertEqual(self.as_user(None).status, 401)
+
+    def test_cache_is_a_bounded_lru_keyed_by_hash(self):
+        users = gdp.UserTokens(self.team.upstream, clock=self.clock, max_users=2)
+        first = users.get(self.ADA)
+        users.get(self.BOB)
+        self.assertIs(users.get(self.ADA), first)  # used again: now the most recent
+        users.get("glpat-CAROL0000000000000000")
+        self.assertEqual(len(users), 2)
+        self.assertIs(users.get(self.ADA), first)
+        self.assertNotIn(self.ADA, repr(list(users._caches)))
+
+    def test_stats_need_a_working_token(self):
+        self.assertEqual(self.request("GET", "/stats", headers={"x-api-key": "nonsense"}, proxy=self.team).status, 401)
+        self.assertEqual(self.request("GET", "/stats", headers={"x-api-key": self.ADA}, proxy=self.team).status, 200)
+
+    def test_config_refuses_team_mode_with_a_shared_token_or_key(self):
+        with self.assertRaises(gdp.ConfigError):
+            gdp.load_config(["--per-user"], {"GITLAB_TOKEN": "t"}, cwd=tempfile.gettempdir())
+        with self.assertRaises(gdp.ConfigError):
+            gdp.load_config(["--per-user"], {"PROXY_API_KEY": "k"}, cwd=tempfile.gettempdir())
+
+
+class LogEvent(logging.Handler):
+    """Set when the proxy logs a line containing text (for lines logged off the request path)."""
+
+    def __init__(self, testcase, text):
+        super().__init__(logging.DEBUG)
+        self.text, self.event = text, threading.Event()
+        logger = logging.getLogger("gitlab_duo_proxy")
+        previous = logger.level
+        logger.setLevel(logging.DEBUG)
+        logger.addHandler(self)
+        testcase.addCleanup(logger.setLevel, previous)
+        testcase.addCleanup(logger.removeHandler, self)
+
+    def emit(self, record):
+        if self.text in record.getMessage():
+            self.event.set()
+
+    def wait(self, timeout):
+        return self.event.wait(timeout)
+
+
+class TLSServingTests(ProxyTestCase):
+    def test_https_serving_with_a_self_signed_certificate(self):
+        cert, key = Cert.get()
+        proxy = self.make_proxy(tls_cert=cert, tls_key=key)
+        self.assertTrue(proxy.url.startswith("https://"))
+        context = ssl.create_default_context(cafile=cert)
+        for payload in (SIMPLE, dict(SIMPLE, stream=True)):
+            conn = http.client.HTTPSConnection("127.0.0.1", proxy.server_address[1], context=context, timeout=10)
+            conn.request("POST", "/v1/messages", json.dumps(payload), {"anthropic-version": "2023-06-01"})
+            resp = conn.getresponse()
+            body = resp.read()
+            conn.close()
+            self.assertEqual(resp.status, 200, body)
+        self.assertIn(b"message_stop", body)
+        self.assertTrue(proxy.inflight.wait_idle(5))
+        failed = LogEvent(self, "TLS handshake with 127.0.0.1 failed")
+        with socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\n\r\n")  # not TLS: the handshake fails, the server lives on
+            try:
+                plain.recv(100)
+            except ConnectionResetError:
+                pass
+        self.assertTrue(failed.wait(5))
+        self.assertEqual(self.request_tls(proxy, context), 200)
+
+    def request_tls(self, proxy, context):
+        conn = http.client.HTTPSConnection("127.0.0.1", proxy.server_address[1], context=context, timeout=10)
+        try:
+            conn.request("GET", "/")
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    def test_bad_certificate_files_stop_start_up(self):
+        with self.assertRaises(gdp.ConfigError):
+            gdp.ProxyServer(base_config(tls_cert="/nonexistent.pem", tls_key="/nonexistent.key"))
+
+
+class StatsTests(ProxyTestCase):
+    def test_counts_and_tokens(self):
+        self.post("/v1/messages", SIMPLE)
+        self.gateway.script = [lambda h, r: h.send_stream(rich_stream("claude-sonnet-4-6"))]
+        self.post("/v1/messages", dict(SIMPLE, stream=True))
+        self.post("/v1/messages", b"{bad")
+        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        data = self.request("GET", "/stats").json()
+        self.assertEqual(data["routes"]["messages"], {"requests": 3, "errors": 1})
+        model = data["models"]["claude-sonnet-4-6"]
+        self.assertEqual((model["requests"], model["input"], model["output"]), (2, 42, 45))
+        self.assertEqual((model["cache_read"], model["cache_creation"]), (2000, 100))
+        self.assertEqual(data["gateway_token"]["state"], "valid")
+        self.assertEqual(data["upstream_latency_ms"]["count"], 2)
+        self.assertIn("p99", data["upstream_latency_ms"])
+        health = self.request("GET", "/").json()
+        self.assertNotIn("models", json.dumps(health).replace('"models":', ""))
+        self.assertNotIn("routes", health)
+
+    def test_html_page_for_browsers(self):
+        self.post("/v1/messages", SIMPLE)
+        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        resp = self.request("GET", "/", headers={"Accept": "text/html,application/xhtml+xml"})
+        self.assertEqual(resp.headers["Content-Type"], "text/html; charset=utf-8")
+        page = PageText()
+        page.feed(resp.body.decode())
+        self.assertEqual(page.tags_seen & {"script", "link", "img"}, set())
+        self.assertIn("claude-sonnet-4-6", page.text)
+        self.assertIn("valid (expires in 60 min)", page.text)
+        self.assertIn('http-equiv="refresh"', resp.body.decode())
+        row = page.rows["models"][1]
+        self.assertEqual(row[:5], ["claude-sonnet-4-6", "1", "0", "12", "5"])
+
+    def test_key_protects_usage_but_not_health(self):
+        proxy = self.make_proxy(api_key=PROXY_KEY)
+        self.assertEqual(self.request("GET", "/", proxy=proxy).status, 200)
+        resp = self.request("GET", "/", headers={"Accept": "text/html"}, proxy=proxy)
+        self.assertEqual(resp.status, 401)
+        self.assertTrue(resp.headers["WWW-Authenticate"].startswith("Basic "))
+        import base64
+        basic = "Basic " + base64.b64encode(("anyone:" + PROXY_KEY).encode()).decode()
+        self.assertEqual(self.request("GET", "/", headers={"Accept": "text/html", "Authorization": basic},
+                                      proxy=proxy).status, 200)
+        self.assertEqual(self.request("GET", "/stats", proxy=proxy).status, 401)
+        self.assertEqual(self.request("GET", "/stats", headers={"x-api-key": PROXY_KEY}, proxy=proxy).status, 200)
+        self.assertEqual(self.request("GET", "/stats", headers={"Authorization": basic}, proxy=proxy).status, 200)
+
+
+class PageText(__import__("html.parser").parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.text, self.tags_seen, self.rows, self.table, self.row = "", set(), {}, None, None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags_seen.add(tag)
+        if tag == "table":
+            self.table = dict(attrs).get("id")
+            self.rows[self.table] = []
+        elif tag == "tr":
+            self.row = []
+            self.rows[self.table].append(self.row)
+
+    def handle_data(self, data):
+        self.text += data
+        if self.row is not None and data.strip():
+            self.row.append(data.strip())
+
+
+class JsonLogTests(unittest.TestCase):
+    def test_json_log_lines(self):
+        record = logging.LogRecord("gitlab_duo_proxy", logging.INFO, __file__, 1, "POST %s status=%d", ("/v1/messages", 200), None)
+        line = json.loads(gdp.JsonLogFormatter().format(record))
+        self.assertEqual((line["level"], line["message"]), ("INFO", "POST /v1/messages status=200"))
+        self.assertIn("time", line)
+        code, _, err = run_script(["--log-format", "json", "--port", "0", "--help"], {})
+        self.assertEqual(code, 0)
