@@ -246,7 +246,7 @@ class Processes:
             self._cert = make_self_signed_cert(self.tmp)
         return self._cert
 
-    def proxy(self, upstream_port, tls=False, extra=None):
+    def proxy(self, upstream_port, tls=False, extra=None, python_flags=()):
         """Start the proxy as a user would; (process, port, seconds until it first answered)."""
         scheme = "https" if tls else "http"
         env = dict(os.environ, GITLAB_TOKEN=GITLAB_TOKEN, PORT="0",
@@ -258,7 +258,8 @@ class Processes:
         env_file = os.path.join(self.tmp, "empty.env")
         open(env_file, "w").close()
         started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "gitlab_duo_proxy.py"), "--env-file", env_file],
+        proc = subprocess.Popen([sys.executable] + list(python_flags) + [os.path.join(HERE, "gitlab_duo_proxy.py"),
+                                 "--env-file", env_file],
                                 env=env, stderr=subprocess.PIPE, cwd=self.tmp)
         self.procs.append(proc)
         line = proc.stderr.readline().decode()
@@ -442,14 +443,27 @@ def benchmark(quick=False):
                 # +0.3 s of warm-up inside throughput() ran too; count it in the divisor.
                 per_request = (cpu1 - cpu0) / (p_rps * (seconds + 0.3)) * 1000
                 rows.append(row("proxy CPU per request, 8 concurrent", None, per_request, "ms", False))
-        base = proc_memory_mb(proxy.pid)
-        peak, results, errors = open_streams(port, 200, 3.0, proxy.pid)
-        rows.append(row("proxy RSS idle / with 200 open streams", base, peak, "MB", False))
-        if errors or len(results) != 200:
-            rows.append(("  stream errors", "", str(len(errors)), "", ""))
+        rows.extend(memory_rows(procs, fake))
         rows.extend(tls_rows(procs, n))
     finally:
         procs.close()
+    return rows
+
+
+def memory_rows(procs, fake):
+    """RSS of a fresh proxy, idle and holding 200 streams: started as `python3 script`, and
+    with -S (no site-packages start-up hooks: some installations import extra packages)."""
+    rows = []
+    for flags, label in (((), ""), (("-S",), ", python3 -S")):
+        proxy, port, _ = procs.proxy(fake, python_flags=flags)
+        time.sleep(0.5)  # the proxy trims its heap once start-up is over
+        idle = proc_memory_mb(proxy.pid)
+        peak, results, errors = open_streams(port, 200, 3.0, proxy.pid)
+        rows.append(row("proxy RSS idle / with 200 open streams%s" % label, idle, peak, "MB", False))
+        if errors or len(results) != 200:
+            rows.append(("  stream errors", "", str(len(errors)), "", ""))
+        proxy.kill()
+        proxy.wait()
     return rows
 
 
@@ -474,7 +488,7 @@ def load_test():
     procs = Processes()
     try:
         fake = procs.fake()
-        proxy, port, _ = procs.proxy(fake)
+        proxy, port, _ = procs.proxy(fake, python_flags=("-S",) if "-S" in sys.argv else ())
         rss0 = proc_memory_mb(proxy.pid)
         peak, results, errors = open_streams(port, 200, 2.0, proxy.pid)
         complete = sum(1 for r in results if r.count(b"text_delta") == 3 and r.endswith(

@@ -290,6 +290,8 @@ OPTIONS = (
     Option("cors_origins", "CORS_ORIGINS", "--cors-origins", "", "str",
            "comma-separated origins allowed to call from a browser (none by default)"),
     Option("log_format", "LOG_FORMAT", "--log-format", "text", "logformat", "log lines as text or json"),
+    Option("log_file", "LOG_FILE", "--log-file", "", "str",
+           "append log lines to this file instead of stderr (for pythonw and services)"),
     Option("debug", "DEBUG", "--debug", False, "bool", "log headers too (secrets redacted)"),
 )
 
@@ -435,7 +437,10 @@ def build_arg_parser():
     for opt in OPTIONS:
         if opt.flag is None:
             continue
-        shown = "on/off" if opt.kind == "bool" else repr(opt.default) if opt.default != "" else "unset"
+        if opt.kind == "bool":
+            shown = "on" if opt.default else "off"
+        else:
+            shown = repr(opt.default) if opt.default != "" else "unset"
         text = "%s (default: %s; env %s)" % (opt.help, shown, opt.env)
         if opt.kind == "bool":
             parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1",
@@ -3559,13 +3564,24 @@ def add_action_arguments(parser):
                        help="with --print-env: syntax of the exports (default: posix)")
 
 
-def setup_logging(config, stream=None):
-    handler = logging.StreamHandler(stream or sys.stderr)
+def log_handler(config, stream=None):
+    """Where log lines go: LOG_FILE, else stream (stderr), as text or JSON."""
+    if config.log_file and stream is None:
+        try:
+            handler = logging.FileHandler(os.path.expanduser(config.log_file), encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("LOG_FILE %s cannot be opened: %s" % (config.log_file, exc.strerror)) from None
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
     if config.log_format == "json":
         handler.setFormatter(JsonLogFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    log.handlers[:] = [handler]
+    return handler
+
+
+def setup_logging(config, stream=None):
+    log.handlers[:] = [log_handler(config, stream)]
     log.setLevel(logging.DEBUG if config.debug else logging.INFO)
     log.propagate = False
     # Our lines show neither; skipping them saves a system call per log line.
@@ -3578,8 +3594,9 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def serve(server, grace):
-    """Serve until SIGINT/SIGTERM, then let in-flight requests finish for up to grace s."""
+def install_stop_handlers(server, grace):
+    """SIGINT/SIGTERM (Ctrl-C, Ctrl-Break on Windows): stop accepting, let requests finish.
+    A second signal exits at once."""
     def stop(signum=None, frame=None):
         if server.stopping.is_set():
             log.warning("second signal: exiting without waiting")
@@ -3592,6 +3609,11 @@ def serve(server, grace):
         for name in ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), stop)
+    return stop
+
+
+def serve(server, grace, stop):
+    """Serve until stop() runs, then give in-flight requests up to grace seconds."""
     try:
         server.serve_forever(poll_interval=0.25)
     except KeyboardInterrupt:
@@ -3605,9 +3627,12 @@ def serve(server, grace):
     return 0
 
 
-def release_freed_memory():
-    """Compiling this file at every start (a script's bytecode is never cached) leaves
-    megabytes of freed heap resident; glibc can hand them back to the system."""
+def release_freed_memory(after=None):
+    """Hand freed heap back to the system (glibc only), once thread `after` has ended.
+    A script's syntax tree stays allocated until its last line has run; for this file
+    that is megabytes, freed when the main thread finishes."""
+    if after is not None:
+        after.join()
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -3632,7 +3657,9 @@ def run_action(config, args):
     return None
 
 
-def main(argv=None):
+def main(argv=None, serve_in_thread=False):
+    """Run the proxy, or one of its actions; the exit status. With serve_in_thread the
+    server runs on a thread of its own and main returns at once (see the end of the file)."""
     try:
         config, args, warnings = load_config(argv)
         setup_logging(config)
@@ -3649,14 +3676,23 @@ def main(argv=None):
         print("%s: error: cannot listen on %s:%s: %s" % (NAME, config.host, config.port,
                                                          exc.strerror or exc), file=sys.stderr)
         return 1
-    release_freed_memory()
     log.info("%s %s listening on %s -> %s (token from %s)", NAME, __version__, server.url,
              config.gateway_base, config.token_source or "each client")
     if not is_loopback(config.host) and not (config.api_key or config.per_user):
         log.warning("listening on %s WITHOUT a proxy API key (--allow-unauthenticated): anyone "
                     "who can reach this port uses your GitLab Duo seat and quota", config.host)
-    return serve(server, config.shutdown_grace)
+    stop = install_stop_handlers(server, config.shutdown_grace)
+    if not serve_in_thread:
+        release_freed_memory()
+        return serve(server, config.shutdown_grace, stop)
+    threading.Thread(target=serve, args=(server, config.shutdown_grace, stop), name="serve").start()
+    threading.Thread(target=release_freed_memory, args=(threading.main_thread(),), daemon=True).start()
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # CPython keeps a script's syntax tree (megabytes, for this file) until the script's
+    # last line has run. On POSIX the server runs on its own thread so this line returns;
+    # the main thread still runs the signal handlers while the interpreter waits for it.
+    # Windows cannot interrupt that wait for Ctrl-C, so there it serves right here.
+    sys.exit(main(serve_in_thread=os.name == "posix"))

@@ -2751,3 +2751,16 @@ class JsonLogTests(unittest.TestCase):
         self.assertIn("time", line)
         code, _, err = run_script(["--log-format", "json", "--port", "0", "--help"], {})
         self.assertEqual(code, 0)
+
+    def test_log_file(self):
+        path = os.path.join(tempfile.mkdtemp(), "proxy.log")
+        code, out, err = run_script(["--log-file", path, "--port", "0", "--env-file", os.devnull + "x"], {})
+        self.assertEqual(code, 2)  # the env file is missing: said on stderr, not in the log
+        self.assertIn("no such file", err)
+        handler = gdp.log_handler(base_config(log_file=path, log_format="json"))
+        handler.handle(logging.LogRecord("gitlab_duo_proxy", logging.INFO, __file__, 1, "hello %s", ("file",), None))
+        handler.close()
+        with open(path) as fh:
+            self.assertEqual(json.loads(fh.read())["message"], "hello file")
+        with self.assertRaises(gdp.ConfigError):
+            gdp.log_handler(base_config(log_file=os.path.join(path, "not-a-dir", "x.log")))
