@@ -2186,15 +2186,13 @@ class AnthropicStream:
     """An Anthropic event stream relayed as it is: the bytes pass untouched; only the
     small frames that carry token counts are read, and whether the end was seen."""
 
-    END_MARKERS = (b"event: message_stop", b"event: error")
-
     def __init__(self, usage):
         self.usage = usage
         self.complete = False
 
     def feed(self, data):
         """Whole events in; the bytes to send the client out."""
-        if not self.complete and any(marker in data for marker in self.END_MARKERS):
+        if not self.complete and (b"event: message_stop" in data or b"event: error" in data):
             self.complete = True
         scan_anthropic_usage(data, self.usage)
         return data
@@ -2288,7 +2286,7 @@ class StreamWriter:
 
     def write(self, data):
         try:
-            self.wfile.write(b"%x\r\n" % len(data) + data + b"\r\n" if self.chunked else data)
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         except OSError as exc:
             raise ClientGone(exc.__class__.__name__) from None
         self.sent += len(data)
