@@ -317,7 +317,7 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def latencies(port, n, context=None, path=MESSAGES):
+def latencies(port, n=600, context=None, path=MESSAGES):
     client = Client(port, context)
     body, out = small_body(), []
     for i in range(n + 50):
@@ -331,7 +331,7 @@ def latencies(port, n, context=None, path=MESSAGES):
     return out
 
 
-def first_byte_times(port, n, path=MESSAGES):
+def first_byte_times(port, n=40, path=MESSAGES):
     client, body, out = Client(port), stream_body("events:3:0"), []
     for _ in range(n):
         marks = []
@@ -413,6 +413,16 @@ def open_streams(port, n, hold, pid=None, path=PROXIED):
     return peak, results, errors
 
 
+def paired(measure, fake_port, proxy_port, rounds=5, **kw):
+    """Samples of measure(direct) and measure(through the proxy), taken in alternating
+    rounds so the machine's noise falls on both sides alike."""
+    direct, proxied = [], []
+    for _ in range(rounds):
+        direct += measure(fake_port, **kw)
+        proxied += measure(proxy_port, path=PROXIED, **kw)
+    return direct, proxied
+
+
 def row(name, direct, proxied, unit, added=True):
     diff = "%+.3f" % (proxied - direct) if added and direct is not None else ""
     fmt = lambda v: "n/a" if v is None else ("%.3f" % v if v < 100 else "%.0f" % v)  # noqa: E731
@@ -426,15 +436,15 @@ def benchmark(quick=False):
         fake = procs.fake()
         proxy, port, ready = procs.proxy(fake)
         rows.append(row("start-up to first answered request", None, ready * 1000, "ms", False))
-        n = 500 if quick else 3000
-        direct, through = latencies(fake, n), latencies(port, n, path=PROXIED)
+        n = 100 if quick else 600
+        direct, through = paired(latencies, fake, port, n=n)
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             rows.append(row("small call latency %s" % label, pct(direct, q), pct(through, q), "ms"))
-        direct, through = first_byte_times(fake, 200), first_byte_times(port, 200, PROXIED)
+        direct, through = paired(first_byte_times, fake, port, n=40)
         rows.append(row("stream time to first byte p50", pct(direct, 0.5), pct(through, 0.5), "ms"))
-        direct, through = event_delays(fake), event_delays(port, path=PROXIED)
+        direct, through = paired(event_delays, fake, port, rounds=3)
         for q, label in ((0.5, "p50"), (0.99, "p99")):
-            rows.append(row("per-event delay %s (1,000 events)" % label, pct(direct, q), pct(through, q), "ms"))
+            rows.append(row("per-event delay %s (3 x 1,000 events)" % label, pct(direct, q), pct(through, q), "ms"))
         seconds = 1.5 if quick else 4
         for concurrency in (1, 8, 64):
             d_rps, _ = throughput(fake, concurrency, seconds)
@@ -481,7 +491,10 @@ def tls_rows(procs, n):
         client.call(PROXIED, small_body())
     client.close()
     handshakes = fake_stats(fake, context)["connections"] - before - 1
-    direct, through = latencies(fake, n, context), latencies(port, n, path=PROXIED)
+    direct, through = [], []
+    for _ in range(5):  # alternating, as in paired(); only the direct side speaks TLS
+        direct += latencies(fake, n // 2, context)
+        through += latencies(port, n // 2, path=PROXIED)
     return [row("TLS upstream: small call latency p50", pct(direct, 0.5), pct(through, 0.5), "ms"),
             row("TLS upstream: small call latency p99", pct(direct, 0.99), pct(through, 0.99), "ms"),
             row("TLS handshakes per 100 requests (incl. token)", None, handshakes, "", False)]
@@ -493,6 +506,7 @@ def load_test():
     try:
         fake = procs.fake()
         proxy, port, _ = procs.proxy(fake, python_flags=("-S",) if "-S" in sys.argv else ())
+        time.sleep(0.5)  # the proxy trims its heap once start-up is over
         rss0 = proc_memory_mb(proxy.pid)
         peak, results, errors = open_streams(port, 200, 2.0, proxy.pid)
         complete = sum(1 for r in results if r.count(b"text_delta") == 3 and r.endswith(
