@@ -79,7 +79,8 @@ def _read_request(sock, buf):
 
 
 def _stream(sock, body):
-    """Streams carry their own plan in metadata.user_id: 'events:N:gap_us' or 'hold:seconds'."""
+    """Streams carry their own plan in metadata.user_id: 'events:N:gap_us', or
+    'hold:seconds[:N]' (the stream starts, stays silent that long, then sends N events)."""
     plan = json.loads(body).get("metadata", {}).get("user_id", "events:3:0").split(":")
     sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                  + _chunk(_frame("message_start", {"type": "message_start", "message": {
@@ -87,7 +88,7 @@ def _stream(sock, body):
                      "usage": {"input_tokens": 3, "output_tokens": 1}}})))
     if plan[0] == "hold":
         time.sleep(float(plan[1]))
-        count, gap = 3, 0.0
+        count, gap = (int(plan[2]) if len(plan) > 2 else 3), 0.0
     else:
         count, gap = int(plan[1]), int(plan[2]) / 1e6
     template = _frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
@@ -343,6 +344,7 @@ def first_byte_times(port, n=40, path=MESSAGES):
 
 
 STAMP = re.compile(rb'"text":"\d+:(\d+)"')
+SEQ = re.compile(rb'"text":"(\d+):\d+"')
 
 
 def event_delays(port, events=1000, gap_us=1000, path=MESSAGES):
@@ -386,7 +388,7 @@ def throughput(port, concurrency, seconds, path=MESSAGES):
     return done / elapsed, errors[0]
 
 
-def open_streams(port, n, hold, pid=None, path=PROXIED):
+def open_streams(port, n, hold, pid=None, path=PROXIED, events=3):
     """n streams held open by the fake; returns (peak RSS MB of pid, events seen per stream)."""
     results, errors = [], []
 
@@ -394,7 +396,7 @@ def open_streams(port, n, hold, pid=None, path=PROXIED):
         try:
             client = Client(port)
             seen = []
-            client.stream(path, stream_body("hold:%g" % hold), lambda d, ns: seen.append(d))
+            client.stream(path, stream_body("hold:%g:%d" % (hold, events)), lambda d, ns: seen.append(d))
             results.append(b"".join(seen))
             client.close()
         except OSError as exc:
@@ -508,10 +510,11 @@ def load_test():
         proxy, port, _ = procs.proxy(fake, python_flags=("-S",) if "-S" in sys.argv else ())
         time.sleep(0.5)  # the proxy trims its heap once start-up is over
         rss0 = proc_memory_mb(proxy.pid)
-        peak, results, errors = open_streams(port, 200, 2.0, proxy.pid)
-        complete = sum(1 for r in results if r.count(b"text_delta") == 3 and r.endswith(
-            _frame("message_stop", {"type": "message_stop"})) and all(
-            b'"%d:' % i in r for i in range(3)))
+        peak, results, errors = open_streams(port, 200, 2.0, proxy.pid, events=50)
+        stop = _frame("message_stop", {"type": "message_stop"})
+        # Complete: every event exactly once, in order, and the stream properly ended.
+        complete = sum(1 for r in results if [int(m) for m in SEQ.findall(r)] == list(range(50))
+                       and r.endswith(stop) and r.count(b"event: message_start") == 1)
         client, failures = Client(port), 0
         for _ in range(2000):
             status, _ = client.call(PROXIED, small_body())
