@@ -3390,7 +3390,11 @@ class Doctor:
             reason = exc.message if isinstance(exc, ProxyError) else describe_network_error(exc, self.upstream.gitlab)
             return self.line(False, "GitLab instance %s is not reachable: %s" % (self.config.instance_url, reason),
                              "check GITLAB_INSTANCE_URL, your network, HTTPS_PROXY/NO_PROXY and GITLAB_CA_BUNDLE")
-        return self.line(True, "GitLab instance %s answers (HTTP %d)" % (self.config.instance_url, status))
+        if status not in (200, 401, 403):  # the API answers 401 without a token: that is fine
+            return self.line(False, "%s answered HTTP %d for /api/v4/version" % (self.config.instance_url, status),
+                             "GITLAB_INSTANCE_URL must be the address of a GitLab instance, e.g. "
+                             "https://gitlab.example.com")
+        return self.line(True, "GitLab instance %s is reachable" % self.config.instance_url)
 
     def check_token(self):
         try:

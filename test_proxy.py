@@ -2418,6 +2418,12 @@ class DoctorTests(ProxyTestCase):
         self.assertIn("fix: check GITLAB_INSTANCE_URL", text)
         self.assertEqual(len(text.splitlines()), 3)  # config ok, instance failed, its fix; nothing after
 
+    def test_instance_url_that_is_not_gitlab(self):
+        ok, text = self.run_doctor(instance_url=self.gateway.url)  # reachable, but no GitLab API there
+        self.assertFalse(ok)
+        self.assertIn("answered HTTP 405 for /api/v4/version", text)
+        self.assertIn("fix: GITLAB_INSTANCE_URL must be the address of a GitLab instance", text)
+
     def test_invalid_token(self):
         self.duo.gitlab_tokens.clear()
         ok, text = self.run_doctor()
