@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import re
+import select
 import selectors
 import shlex
 import signal
@@ -67,8 +68,8 @@ MIB = 1024 * 1024
 Model = collections.namedtuple("Model", "id display_name created_at provider context_window")
 
 # GitLab's list of models changes monthly: MODELS= in the environment replaces or edits
-# this list without touching code. Dates are release dates; they order /v1/models and
-# decide which model a family name ("opus") means only when versions tie.
+# this list without touching code. Dates are release dates (approximate for the newest);
+# they order /v1/models. A family name ("opus") means the highest version in the list.
 MODEL_CATALOG = (
     Model("claude-fable-5", "Claude Fable 5", "2026-08-01T00:00:00Z", "anthropic", 1000000),
     Model("claude-opus-5", "Claude Opus 5", "2026-07-15T00:00:00Z", "anthropic", 1000000),
@@ -90,10 +91,6 @@ DEFAULT_MODEL = "claude-sonnet-4-6"
 # Announced retirements (Anthropic's deprecation table), shown in /v1/models.
 RETIREMENTS = {"claude-sonnet-4-5-20250929": "2026-11-30T00:00:00Z"}
 
-HOP_BY_HOP = frozenset((
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
-))
 SECRET_HEADERS = frozenset((
     "authorization", "x-api-key", "proxy-authorization", "cookie", "set-cookie",
     "private-token", "x-gitlab-oidc-token", "job-token",
@@ -102,8 +99,8 @@ SECRET_HEADERS = frozenset((
 # software, hop-by-hop framing) stays behind the proxy.
 RESPONSE_HEADER_ALLOW = ("content-type", "content-encoding", "anthropic-", "openai-",
                          "retry-after", "x-should-retry", "x-ratelimit-")
-RETRY_STATUSES = frozenset((408, 429, 500, 502, 503, 504, 529))
-GATEWAY_RETRY_STATUSES = frozenset((408, 429, 502, 503, 504, 529))
+# Worth another try before anything reached the client (other 4xx never are).
+RETRY_STATUSES = frozenset((408, 429, 502, 503, 504, 529))
 
 # === Errors ===
 
@@ -570,7 +567,7 @@ def validate_config(config, args):
 
 _VERSIONED = re.compile(r"^claude-([a-z]+)-(\d+)(?:-(\d{1,2}))?(?:-(\d{8}))?$")
 _DATE_SUFFIX = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")
-_SHORT_FAMILY = re.compile(r"^(?:claude-)?([a-z]+)(?:-latest)?$")
+_SHORT_FAMILY = re.compile(r"^(?:claude-)?([a-z]+)$")
 
 
 def model_version_key(model_id):
@@ -1993,18 +1990,13 @@ def connection_alive(conn):
     if sock is None:
         return False
     try:
-        readable, _, _ = select_readable(sock)
+        readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
             return True
         # Readable while idle means closed, unless TLS has a post-handshake message waiting.
         return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK)) and isinstance(sock, ssl.SSLSocket)
     except (OSError, ValueError):
         return False
-
-
-def select_readable(sock):
-    import select
-    return select.select([sock], [], [], 0)
 
 
 class Reply:
@@ -2125,7 +2117,7 @@ class Upstream:
                 refreshed = ctx.refreshed = True
                 log.info("gateway rejected the token (401); exchanging a new one and replaying")
                 continue
-            if isinstance(outcome, Reply) and outcome.status not in GATEWAY_RETRY_STATUSES:
+            if isinstance(outcome, Reply) and outcome.status not in RETRY_STATUSES:
                 return outcome
             wait = self._retry_wait(attempt, outcome, deadline)
             if wait is None:
@@ -2401,10 +2393,10 @@ class DisconnectWatcher:
     """One thread for the whole server that notices clients hanging up mid-stream and
     cuts their upstream connection, even while the upstream is silent."""
 
-    def __init__(self):
+    def __init__(self, selector_class=selectors.DefaultSelector):
         self._lock = threading.Lock()
         self._ops = []
-        self._selector = selectors.DefaultSelector()
+        self._selector = selector_class()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -2435,12 +2427,22 @@ class DisconnectWatcher:
 
     def _run(self):
         while True:
-            for key, _ in self._selector.select():
+            try:
+                ready = self._selector.select()
+            except (OSError, ValueError):
+                self._drop_closed()  # a socket closed while still registered: forget it
+                continue
+            for key, _ in ready:
                 if key.data is None:
                     if not self._apply_ops():
                         return
                 else:
                     self._check(key.data)
+
+    def _drop_closed(self):
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None and key.fileobj.fileno() == -1:
+                self._forget(key.data)
 
     def _apply_ops(self):
         try:
@@ -2452,11 +2454,21 @@ class DisconnectWatcher:
             closed = self._closed
         for op, watch in ops:
             if op == "add":
-                self._selector.register(watch.sock, selectors.EVENT_READ, watch)
+                self._register(watch)
             else:
                 self._forget(watch)
                 watch.removed.set()
         return not closed
+
+    def _register(self, watch):
+        try:
+            self._selector.register(watch.sock, selectors.EVENT_READ, watch)
+        except KeyError:
+            # A socket closed while registered left its number behind, now reused.
+            self._selector.unregister(watch.sock)
+            self._selector.register(watch.sock, selectors.EVENT_READ, watch)
+        except (OSError, ValueError):
+            pass  # closed before we got to it: nothing left to watch
 
     def _forget(self, watch):
         try:
@@ -2894,7 +2906,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         catalog = self.server.catalog
         error = translate_gateway_error(reply.status, raw, self.ctx.model, catalog.ids(api),
                                         upstream=api, dialect=self.ctx.dialect)
-        if reply.status in GATEWAY_RETRY_STATUSES or reply.status >= 500:
+        if reply.status in RETRY_STATUSES or reply.status >= 500:
             hinted = retry_after_seconds(reply.headers)
             error.headers.update({"x-should-retry": "true",
                                   "retry-after": str(int(hinted + 0.999) if hinted else 1)})

@@ -2770,3 +2770,65 @@ class JsonLogTests(unittest.TestCase):
             self.assertEqual(json.loads(fh.read())["message"], "hello file")
         with self.assertRaises(gdp.ConfigError):
             gdp.log_handler(base_config(log_file=os.path.join(path, "not-a-dir", "x.log")))
+
+
+class DisconnectWatcherTests(unittest.TestCase):
+    def watcher(self, selector_class=None):
+        watcher = gdp.DisconnectWatcher(selector_class) if selector_class else gdp.DisconnectWatcher()
+        self.addCleanup(watcher.close)
+        return watcher
+
+    def pair(self):
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        return a, b
+
+    def wait_gone(self, watch):
+        deadline = time.monotonic() + 5
+        while not watch.gone and time.monotonic() < deadline:
+            watch.removed.wait(0.01)
+        return watch.gone
+
+    def test_hang_up_fires_and_cuts_the_bound_connection(self):
+        watcher = self.watcher()
+        server_side, client_side = self.pair()
+        upstream, far = self.pair()
+        watch = watcher.watch(server_side)
+        holder = type("Conn", (), {"sock": upstream})()
+        watch.bind(holder)
+        client_side.close()
+        self.assertTrue(self.wait_gone(watch))
+        far.settimeout(5)
+        self.assertEqual(far.recv(1), b"")  # the upstream socket was shut down
+        watcher.unwatch(watch)
+
+    def test_a_next_request_is_not_a_hang_up(self):
+        watcher = self.watcher()
+        server_side, client_side = self.pair()
+        watch = watcher.watch(server_side)
+        client_side.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        watcher.unwatch(watch)
+        self.assertFalse(watch.gone)
+        self.assertEqual(server_side.recv(100)[:3], b"GET")  # peeked, never consumed
+
+    def test_survives_a_socket_closed_while_registered(self):
+        for reuse_number in (False, True):
+            watcher = self.watcher(selectors_select())
+            first, first_peer = socket.socketpair()
+            self.addCleanup(first_peer.close)
+            watcher.watch(first)
+            if not reuse_number:
+                server_side, client_side = self.pair()  # made first: first's number stays free
+            first.close()  # select() now fails on it, or its number comes back for a new socket
+            if reuse_number:
+                server_side, client_side = self.pair()
+            watch = watcher.watch(server_side)
+            client_side.close()
+            self.assertTrue(self.wait_gone(watch), reuse_number)
+            watcher.unwatch(watch)
+
+
+def selectors_select():
+    import selectors
+    return selectors.SelectSelector
