@@ -32,6 +32,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -2236,6 +2237,23 @@ def scan_anthropic_usage(data, usage):
                 merge_usage(usage, (message if isinstance(message, dict) else payload).get("usage"))
 
 
+def usage_of(data):
+    """The usage object of a JSON answer, decoded without parsing the (possibly long) rest:
+    an unescaped "usage" in JSON text is a key (or that exact string), and it comes last."""
+    at = data.rfind(b'"usage"')
+    if at < 0:
+        return None
+    text = data[at + 7:].decode("utf-8", "replace")
+    start = _WHITESPACE.match(text, 0).end()
+    if text[start:start + 1] != ":":
+        return None
+    try:
+        usage, _ = _JSON_DECODER.raw_decode(text, _WHITESPACE.match(text, start + 1).end())
+    except ValueError:
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
 def sse_data(frame):
     lines = [line[5:].lstrip() for line in frame.splitlines() if line.startswith(b"data:")]
     try:
@@ -2861,7 +2879,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         created = int(time.time())
         self.forward("anthropic", "/v1/messages", json.dumps(plan.body).encode(),
                      lambda usage: ChatStream(plan, usage, created),
-                     lambda data: json.dumps(anthropic_to_chat(json.loads(data), plan, created)).encode())
+                     lambda message: anthropic_to_chat(message, plan, created))
 
     def route_responses(self, query):
         self.ctx.dialect = "openai"
@@ -2885,16 +2903,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return self.relay_stream(reply, stream_protocol(self.ctx.usage),
                                          headers if transform is None else [])
             data = reply.read_all()
-            self.note_usage(data)
             if transform is not None:
                 data, headers = self.transformed(data, transform), []
+            else:
+                merge_usage(self.ctx.usage, usage_of(data))
             self.respond(reply.status, data, headers)
         finally:
             reply.close()
 
     def transformed(self, data, transform):
+        """transform(the parsed answer) as JSON bytes, its usage noted on the way."""
         try:
-            return transform(data)
+            answer = json.loads(data.decode("utf-8"))
+            merge_usage(self.ctx.usage, answer.get("usage"))
+            return json.dumps(transform(answer)).encode()
         except (ValueError, AttributeError, TypeError):
             raise UpstreamUnreachable("GitLab's AI gateway sent an answer the proxy could not "
                                       "translate") from None
@@ -2909,15 +2931,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if reply.status in RETRY_STATUSES or reply.status >= 500:
             hinted = retry_after_seconds(reply.headers)
             error.headers.update({"x-should-retry": "true",
-                                  "retry-after": str(int(hinted + 0.999) if hinted else 1)})
+                                  "retry-after": "%d" % max(1, math.ceil(hinted or 1))})
         return error
 
-    def note_usage(self, data):
-        if b'"usage"' in data:
-            try:
-                merge_usage(self.ctx.usage, json.loads(data.decode("utf-8")).get("usage"))
-            except (ValueError, AttributeError):
-                pass  # not a JSON object: nothing to count
 
     def relay_stream(self, reply, protocol, headers):
         ctx = self.ctx

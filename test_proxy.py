@@ -844,6 +844,14 @@ class HelperTests(unittest.TestCase):
         self.assertTrue(gdp.proxy_bypassed("x", 1, "*"))
         self.assertFalse(gdp.proxy_bypassed("notexample.com", 443, "example.com"))
 
+    def test_usage_of_reads_only_the_usage_object(self):
+        answer = json.dumps({"content": [{"type": "text", "text": 'he said "usage": 5'}],
+                             "usage": {"input_tokens": 3, "output_tokens": 4}}).encode()
+        self.assertEqual(gdp.usage_of(answer), {"input_tokens": 3, "output_tokens": 4})
+        self.assertIsNone(gdp.usage_of(b'{"a": 1}'))
+        self.assertIsNone(gdp.usage_of(b'{"x": "usage"}'))
+        self.assertIsNone(gdp.usage_of(b'{"usage": [1]}'))
+
     def test_retry_after_parsing(self):
         self.assertEqual(gdp.parse_retry_after("2"), 2.0)
         self.assertEqual(gdp.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470), 10.0)
