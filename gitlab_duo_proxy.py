@@ -23,6 +23,7 @@ import argparse
 import base64
 import calendar
 import collections
+import copy
 import email.utils
 import hmac
 import html
@@ -1638,7 +1639,9 @@ class TokenCache:
         if not flight.done.wait(self._wait_timeout):
             raise UpstreamTimeout("the GitLab token exchange is taking too long; retry shortly")
         if flight.error is not None:
-            raise flight.error
+            error = copy.copy(flight.error)  # each waiter its own: tracebacks and headers differ
+            error.headers = dict(error.headers)
+            raise error
         return flight.token
 
     def _fly(self, flight):
@@ -1655,6 +1658,11 @@ class TokenCache:
                 self._token = flight.token
             self._flight = None
         flight.done.set()
+
+    def secret(self):
+        """The current gateway token's value, for scrubbing it from texts; None if none."""
+        token = self._token
+        return token.token if token is not None else None
 
     def invalidate(self, token):
         """Forget token (once: concurrent 401s for the same token cause one new exchange)."""
@@ -3273,8 +3281,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def redact(self, text):
         """text with every secret the proxy knows, and anything token-shaped, masked."""
         secrets = list(self.config.secrets())
-        if self.tokens is not None and self.tokens._token is not None:
-            secrets.append(self.tokens._token.token)
+        if self.tokens is not None and self.tokens.secret():
+            secrets.append(self.tokens.secret())
         for secret in secrets:
             text = text.replace(secret, "[redacted]")
         return redact_patterns(text)
