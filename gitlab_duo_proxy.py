@@ -630,6 +630,10 @@ class Catalog:
         self._resolved = {}
         self.default_model = self.resolve(default_model) if default_model else ""
 
+    @classmethod
+    def from_config(cls, config):
+        return cls(build_catalog(config.models), config.default_model)
+
     def ids(self, provider=None):
         return [m.id for m in self.models if provider in (None, m.provider)]
 
@@ -3219,7 +3223,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         self.config = config
-        self.catalog = Catalog(build_catalog(config.models), config.default_model)
+        self.catalog = Catalog.from_config(config)
         self.stopping = threading.Event()
         self.pool = ConnectionPool(config)
         self.upstream = Upstream(config, self.pool, self.stopping)
@@ -3260,12 +3264,14 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             return origin
         return None
 
+    def token_state(self):
+        if self.config.per_user:
+            return {"state": "per-user", "cached_users": len(self.user_tokens)}
+        return self.tokens.state()
+
     def status(self):
         config = self.config
-        if config.per_user:
-            token = {"state": "per-user", "cached_users": len(self.user_tokens)}
-        else:
-            token = self.tokens.state()
+        token = self.token_state()
         return {"name": NAME, "version": __version__, "status": "ok",
                 "gitlab_instance": config.instance_url, "ai_gateway": config.gateway_base,
                 "anthropic_base": config.gateway_base + ANTHROPIC_PROXY,
@@ -3274,15 +3280,16 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def stats_snapshot(self):
         snapshot = self.stats.snapshot()
-        snapshot.update(name=NAME, version=__version__, gateway_token=self.status()["gateway_token"],
+        snapshot.update(name=NAME, version=__version__, gateway_token=self.token_state(),
                         upstream_connections_opened=dict(self.pool.opened))
         return snapshot
 
     def redact(self, text):
         """text with every secret the proxy knows, and anything token-shaped, masked."""
         secrets = list(self.config.secrets())
-        if self.tokens is not None and self.tokens.secret():
-            secrets.append(self.tokens.secret())
+        current = self.tokens.secret() if self.tokens is not None else None
+        if current:
+            secrets.append(current)
         for secret in secrets:
             text = text.replace(secret, "[redacted]")
         return redact_patterns(text)
@@ -3371,7 +3378,7 @@ class Doctor:
         self.pool = ConnectionPool(config)
         self.upstream = Upstream(config, self.pool, threading.Event())
         self.credentials = CredentialSource(config, runner)
-        self.catalog = Catalog(build_catalog(config.models), config.default_model)
+        self.catalog = Catalog.from_config(config)
         self.payload = None
         encoding = getattr(out, "encoding", None) or "ascii"
         try:
@@ -3532,8 +3539,8 @@ def goose_provider(config, catalog):
 
 def write_goose_config(config, path, force=False):
     """(exit status, message): writes the file unless a different one is there."""
-    catalog = Catalog(build_catalog(config.models), config.default_model)
-    text = json.dumps(goose_provider(config, catalog), indent=2) + "\n"
+    provider = goose_provider(config, Catalog.from_config(config))
+    text = json.dumps(provider, indent=2) + "\n"
     try:
         with open(path, encoding="utf-8") as fh:
             current = fh.read()
@@ -3551,9 +3558,9 @@ def write_goose_config(config, path, force=False):
             fh.write(text)
     except OSError as exc:
         return 1, "cannot write %s: %s" % (path, exc.strerror)
-    note = "" if not goose_provider(config, catalog)["requires_auth"] else \
+    note = "" if not provider["requires_auth"] else \
         "; export GITLAB_DUO_PROXY_KEY with your proxy key before starting Goose"
-    return 0, "wrote %s (provider gitlab_duo, %d models)%s" % (path, len(catalog.ids("anthropic")), note)
+    return 0, "wrote %s (provider gitlab_duo, %d models)%s" % (path, len(provider["models"]), note)
 
 
 CLIENT_ENV = {
@@ -3574,7 +3581,7 @@ CLIENT_ENV = {
 
 def client_env_lines(config, tool, shell="posix"):
     """Ready-to-paste exports pointing tool at this proxy."""
-    catalog = Catalog(build_catalog(config.models), config.default_model)
+    catalog = Catalog.from_config(config)
     key = "<your GitLab token>" if config.per_user else (config.api_key or "not-needed")
     pairs = CLIENT_ENV[tool](proxy_base_url(config), key, catalog)
     if shell == "powershell":
