@@ -3639,30 +3639,58 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def install_stop_handlers(server, grace):
-    """SIGINT/SIGTERM (Ctrl-C, Ctrl-Break on Windows): stop accepting, let requests finish.
-    A second signal exits at once."""
-    def stop(signum=None, frame=None):
-        if server.stopping.is_set():
-            log.warning("second signal: exiting without waiting")
-            os._exit(1)
-        log.info("shutting down: no new connections; waiting up to %gs for %d request(s)",
-                 grace, server.inflight.count)
-        server.stopping.set()
-        threading.Thread(target=server.shutdown, daemon=True).start()
-    if threading.current_thread() is threading.main_thread():
-        for name in ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP"):
+class Stopper:
+    """SIGINT/SIGTERM (Ctrl-C, Ctrl-Break on Windows) stop accepting and let requests
+    finish; a second signal exits at once.
+
+    The work is done by a thread reading the signal wake-up socket, not by the Python
+    signal handler: that handler runs only when the main thread gets to it, and while the
+    server runs on a thread of its own the main thread may sleep through a signal.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP")
+
+    def __init__(self, server, grace):
+        self.server, self.grace = server, grace
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def install(self):
+        """Take over the signals (main thread only: elsewhere, nothing to do)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        receiver, sender = socket.socketpair()
+        sender.setblocking(False)
+        signal.set_wakeup_fd(sender.fileno())
+        for name in self.SIGNALS:
             if hasattr(signal, name):
-                signal.signal(getattr(signal, name), stop)
-    return stop
+                signal.signal(getattr(signal, name), lambda signum, frame: None)
+        threading.Thread(target=self.listen, args=(receiver, sender), name="signals", daemon=True).start()
+
+    def listen(self, receiver, sender):
+        while True:
+            received = receiver.recv(64)  # one byte per signal, written by CPython's C handler
+            for _ in received:
+                self.stop()
+
+    def stop(self):
+        with self.lock:
+            self.count += 1
+            if self.count > 1:
+                log.warning("second signal: exiting without waiting")
+                os._exit(1)
+        log.info("shutting down: no new connections; waiting up to %gs for %d request(s)",
+                 self.grace, self.server.inflight.count)
+        self.server.stopping.set()
+        threading.Thread(target=self.server.shutdown, daemon=True).start()
 
 
-def serve(server, grace, stop):
-    """Serve until stop() runs, then give in-flight requests up to grace seconds."""
+def serve(server, grace, stopper):
+    """Serve until stopped, then give in-flight requests up to grace seconds."""
     try:
         server.serve_forever(poll_interval=0.25)
-    except KeyboardInterrupt:
-        stop()
+    except KeyboardInterrupt:  # only when Stopper could not take over SIGINT
+        stopper.stop()
     finally:
         server.socket.close()  # refuse new connections at once
     if not server.inflight.wait_idle(grace):
@@ -3726,18 +3754,19 @@ def main(argv=None, serve_in_thread=False):
     if not is_loopback(config.host) and not (config.api_key or config.per_user):
         log.warning("listening on %s WITHOUT a proxy API key (--allow-unauthenticated): anyone "
                     "who can reach this port uses your GitLab Duo seat and quota", config.host)
-    stop = install_stop_handlers(server, config.shutdown_grace)
+    stopper = Stopper(server, config.shutdown_grace)
+    stopper.install()
     if not serve_in_thread:
         release_freed_memory()
-        return serve(server, config.shutdown_grace, stop)
-    threading.Thread(target=serve, args=(server, config.shutdown_grace, stop), name="serve").start()
+        return serve(server, config.shutdown_grace, stopper)
+    threading.Thread(target=serve, args=(server, config.shutdown_grace, stopper), name="serve").start()
     threading.Thread(target=release_freed_memory, args=(threading.main_thread(),), daemon=True).start()
     return 0
 
 
 if __name__ == "__main__":
     # CPython keeps a script's syntax tree (megabytes, for this file) until the script's
-    # last line has run. On POSIX the server runs on its own thread so this line returns;
-    # the main thread still runs the signal handlers while the interpreter waits for it.
-    # Windows cannot interrupt that wait for Ctrl-C, so there it serves right here.
+    # last line has run. On POSIX the server runs on its own thread so this line returns
+    # (Stopper's thread handles signals meanwhile). Windows serves right here, as that has
+    # only been tried on POSIX.
     sys.exit(main(serve_in_thread=os.name == "posix"))
