@@ -13,6 +13,7 @@ import os
 import random
 import re
 import socket
+import struct
 import subprocess
 import sys
 import ssl
@@ -2028,6 +2029,84 @@ class PoolTests(ProxyTestCase):
         self.assertEqual(resp.getheader("X-A"), "1, 2")
 
 
+@unittest.skipUnless(gdp.KernelTimeoutSocket.available, "kernel socket timeouts are used on Linux only")
+class KernelTimeoutSocketTests(unittest.TestCase):
+    def pair(self, timeout):
+        a, b = socket.socketpair()
+        sock = gdp.KernelTimeoutSocket.adopt(a)
+        self.addCleanup(sock.close)
+        self.addCleanup(b.close)
+        sock.settimeout(timeout)
+        return sock, b
+
+    def test_reads_time_out_like_python_timeouts(self):
+        sock, peer = self.pair(0.05)
+        self.assertEqual(sock.gettimeout(), 0.05)
+        self.assertTrue(sock.getblocking())  # no poll() before each call
+        self.assertRaises(socket.timeout, sock.recv, 10)
+        peer.sendall(b"hi")
+        self.assertEqual(sock.recv(10), b"hi")
+        reader = sock.makefile("rb")
+        self.addCleanup(reader.close)
+        self.assertRaises(socket.timeout, reader.readline)
+
+    def test_writes_time_out_when_the_peer_does_not_read(self):
+        sock, _ = self.pair(0.05)
+        with self.assertRaises(socket.timeout):
+            sock.sendall(b"x" * (64 << 20))
+
+    def test_no_timeout_and_non_blocking_keep_their_meaning(self):
+        sock, _ = self.pair(None)
+        zero = struct.pack("@ll", 0, 0)
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, len(zero)), zero)
+        sock.settimeout(1e-9)  # rounded up: a zero timeval would mean no timeout at all
+        self.assertNotEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, len(zero)), zero)
+        sock.settimeout(0)
+        self.assertRaises(BlockingIOError, sock.recv, 10)
+        self.assertRaises(ValueError, sock.settimeout, -1)
+
+    def test_proxy_uses_them_for_plain_sockets_both_ways(self):
+        seen = []
+
+        class Handler(gdp.ProxyHandler):
+            def handle(self):
+                seen.append(type(self.connection))
+                super().handle()
+        gitlab = start_server(self, ScriptedServer(FakeGitLabHandler, DuoState(FakeClock())))
+        gateway = start_server(self, FakeGateway(gitlab.state))
+        proxy = start_server(self, gdp.ProxyServer(base_config(instance_url=gitlab.url, gateway_url=gateway.url),
+                                                   handler_class=Handler))
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/messages", json.dumps(SIMPLE), {"anthropic-version": "2023-06-01"})
+        self.assertEqual(conn.getresponse().read() and seen, [gdp.KernelTimeoutSocket])
+        pooled = [c for conns in proxy.pool._idle.values() for c, _ in conns]
+        self.assertTrue(pooled)
+        self.assertTrue(all(isinstance(c.sock, gdp.KernelTimeoutSocket) for c in pooled))
+
+
+class TimeoutTests(ProxyTestCase):
+    def test_gateway_that_never_answers_is_a_504(self):
+        never = threading.Event()
+        self.addCleanup(never.set)
+        self.gateway.script = [lambda h, r: never.wait(10)]
+        resp = self.post("/v1/messages", SIMPLE, proxy=self.make_proxy(read_timeout=0.2, retries=0))
+        self.assertEqual(resp.status, 504)
+        self.assertIn("did not answer within 0.2 s (READ_TIMEOUT)", resp.error["message"])
+
+    def test_client_that_stops_mid_body_is_dropped(self):
+        proxy = self.make_proxy(client_timeout=0.2)
+        sock = socket.create_connection(("127.0.0.1", proxy.server_address[1]), timeout=5)
+        self.addCleanup(sock.close)
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mo")
+            self.assertEqual(sock.recv(65536), b"")
+            self.assertTrue(proxy.inflight.wait_idle(5))
+        self.assertIn("status=499", logs.output[-1])
+        self.assertIn("client dropped (it sent or read nothing for 0.2 s, CLIENT_TIMEOUT)", logs.output[-1])
+        self.assertEqual(self.gateway_calls(), [])
+
+
 class ConnectProxy(http.server.ThreadingHTTPServer):
     """A corporate HTTP proxy: CONNECT only, with Basic authentication."""
 
@@ -2778,6 +2857,58 @@ class JsonLogTests(unittest.TestCase):
             self.assertEqual(json.loads(fh.read())["message"], "hello file")
         with self.assertRaises(gdp.ConfigError):
             gdp.log_handler(base_config(log_file=os.path.join(path, "not-a-dir", "x.log")))
+
+
+class WriteRecorder:
+    """A log stream that keeps each write and can signal the one containing some text."""
+
+    def __init__(self, wait_for=None):
+        self.writes, self.wait_for, self.seen = [], wait_for, threading.Event()
+
+    def write(self, text):
+        self.writes.append(text)
+        if self.wait_for and self.wait_for in text:
+            self.seen.set()
+
+    def flush(self):
+        pass
+
+
+class BatchedLogTests(unittest.TestCase):
+    def handler(self, stream, seconds):
+        handler = gdp.BatchedStreamHandler(stream)
+        handler.batch_seconds = seconds
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        self.addCleanup(handler.close)
+        return handler
+
+    def record(self, level, text):
+        return logging.LogRecord("gitlab_duo_proxy", level, __file__, 1, text, None, None)
+
+    def test_lines_wait_for_the_batch_and_warnings_write_all_in_order(self):
+        stream = WriteRecorder()
+        handler = self.handler(stream, 3600)
+        for n in range(3):
+            handler.handle(self.record(logging.INFO, "request %d" % n))
+        self.assertEqual(stream.writes, [])  # no write on the request's thread
+        handler.handle(self.record(logging.WARNING, "something odd"))
+        self.assertEqual(stream.writes, ["INFO request 0\nINFO request 1\nINFO request 2\nWARNING something odd\n"])
+        handler.handle(self.record(logging.INFO, "last"))
+        handler.close()  # at exit, logging.shutdown closes it: nothing is lost
+        self.assertEqual(stream.writes[1:], ["INFO last\n"])
+
+    def test_the_writer_thread_writes_without_being_asked(self):
+        stream = WriteRecorder(wait_for="alone")
+        handler = self.handler(stream, 0.01)
+        handler.handle(self.record(logging.INFO, "alone"))
+        self.assertTrue(stream.seen.wait(5))
+        self.assertEqual(stream.writes, ["INFO alone\n"])
+
+    def test_setup_uses_it_for_stderr_and_files(self):
+        self.assertIsInstance(gdp.log_handler(base_config()), gdp.BatchedStreamHandler)
+        handler = gdp.log_handler(base_config(log_file=os.path.join(tempfile.mkdtemp(), "p.log")))
+        self.addCleanup(handler.close)
+        self.assertIsInstance(handler, gdp.BatchedFileHandler)
 
 
 class DisconnectWatcherTests(unittest.TestCase):
