@@ -743,6 +743,24 @@ class CatalogTests(unittest.TestCase):
 
 
 class HelperTests(unittest.TestCase):
+    def test_header_blocks_read_whole_or_line_by_line_alike(self):
+        heads = [b"\r\n", b"Host: x\r\nA:  b c \r\na: d\r\nEmpty:\r\n\r\n", b"Host: x\r\n folded\r\n\r\n",
+                 b"Host: x\nA: b\n\n", b"Bad line\r\nHost: x\r\n\r\n", b"H\xe9: x\r\n\r\n",
+                 b"X: \xe9\x00 \r\n\r\n", b"X: a\rb\r\n\r\n", b"X: 1\r\n" * 101 + b"\r\n"]
+        for head in heads:
+            for strict in (True, False):
+                results = []
+                for reader in (io.BufferedReader(io.BytesIO(head + b"BODY")),  # whole block in the buffer
+                               io.BytesIO(head + b"BODY")):  # no peek(): line by line
+                    try:
+                        results.append((gdp.read_headers(reader, strict=strict).items(), reader.read()))
+                    except gdp.HeaderError as exc:
+                        results.append((exc.status, str(exc)))
+                self.assertEqual(results[0], results[1], (head, strict))
+        fields = gdp.read_headers(io.BufferedReader(io.BytesIO(heads[1])))
+        self.assertEqual(fields.items(), [("Host", "x"), ("A", "b c"), ("a", "d"), ("Empty", "")])
+        self.assertEqual((fields.get("A"), fields.get_all("a"), fields.get_all("nope")), ("b c", ["b c", "d"], None))
+
     def test_json_body_splices_only_the_model(self):
         raw = '{ "max_tokens" : 5,\n "model":"sonnet" , "x": [1.0, 1e5, "\\u00e9"] }'.encode()
         body = gdp.JsonBody(raw)
