@@ -362,6 +362,7 @@ def event_delays(port, events=1000, gap_us=1000, path=MESSAGES):
 
 
 def throughput(port, concurrency, seconds, path=MESSAGES):
+    """(requests per second after a 0.3 s warm-up, errors, requests answered in all)."""
     counts, errors, stop = [0] * concurrency, [0], threading.Event()
 
     def worker(i):
@@ -385,7 +386,29 @@ def throughput(port, concurrency, seconds, path=MESSAGES):
     stop.set()
     for t in threads:
         t.join()
-    return done / elapsed, errors[0]
+    return done / elapsed, errors[0], sum(counts) + errors[0]
+
+
+def throughput_rows(proxy_pid, fake, port, seconds, rounds=3):
+    """Requests per second at 1, 8 and 64 clients, direct and through the proxy in
+    alternating rounds (medians), and the proxy's CPU per request at 8 clients."""
+    rows = []
+    for concurrency in (1, 8, 64):
+        direct, proxied, cpu = [], [], []
+        for _ in range(rounds):
+            direct.append(throughput(fake, concurrency, seconds)[0])
+            cpu0 = proc_cpu_seconds(proxy_pid)
+            rate, _, answered = throughput(port, concurrency, seconds, PROXIED)
+            cpu1 = proc_cpu_seconds(proxy_pid)
+            proxied.append(rate)
+            if cpu0 is not None:
+                cpu.append((cpu1 - cpu0) / answered * 1000)
+        d_rps, p_rps = pct(direct, 0.5), pct(proxied, 0.5)
+        rows.append(row("requests/s, %d concurrent (%.0f%% of direct)" % (concurrency, 100 * p_rps / d_rps),
+                        d_rps, p_rps, "req/s", False))
+        if concurrency == 8 and cpu:
+            rows.append(row("proxy CPU per request, 8 concurrent", None, pct(cpu, 0.5), "ms", False))
+    return rows
 
 
 def open_streams(port, n, hold, pid=None, path=PROXIED, events=3):
@@ -447,18 +470,7 @@ def benchmark(quick=False):
         direct, through = paired(event_delays, fake, port, rounds=3)
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             rows.append(row("per-event delay %s (3 x 1,000 events)" % label, pct(direct, q), pct(through, q), "ms"))
-        seconds = 1.5 if quick else 4
-        for concurrency in (1, 8, 64):
-            d_rps, _ = throughput(fake, concurrency, seconds)
-            cpu0 = proc_cpu_seconds(proxy.pid)
-            p_rps, errs = throughput(port, concurrency, seconds, PROXIED)
-            cpu1 = proc_cpu_seconds(proxy.pid)
-            rows.append(row("requests/s, %d concurrent (%.0f%% of direct)" % (concurrency, 100 * p_rps / d_rps),
-                            d_rps, p_rps, "req/s", False))
-            if concurrency == 8 and cpu0 is not None:
-                # +0.3 s of warm-up inside throughput() ran too; count it in the divisor.
-                per_request = (cpu1 - cpu0) / (p_rps * (seconds + 0.3)) * 1000
-                rows.append(row("proxy CPU per request, 8 concurrent", None, per_request, "ms", False))
+        rows.extend(throughput_rows(proxy.pid, fake, port, 1.0 if quick else 2.0))
         rows.extend(memory_rows(procs, fake))
         rows.extend(tls_rows(procs, n))
     finally:
