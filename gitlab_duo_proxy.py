@@ -3904,7 +3904,9 @@ class Stopper:
         log.info("shutting down: no new connections; waiting up to %gs for %d request(s)",
                  self.grace, self.server.inflight.count)
         self.server.stopping.set()
-        threading.Thread(target=self.server.shutdown, daemon=True).start()
+        # Called right here (it returns within serve_forever's poll interval): Python 3.12
+        # refuses new threads once the main thread has finished, as it has on POSIX.
+        self.server.shutdown()
 
 
 def serve(server, grace, stopper):
@@ -3994,5 +3996,6 @@ if __name__ == "__main__":
     # CPython keeps a script's syntax tree (megabytes, for this file) until the script's
     # last line has run. On POSIX the server runs on its own thread so this line returns
     # (Stopper's thread handles signals meanwhile). Windows serves right here, as that has
-    # only been tried on POSIX.
-    sys.exit(main(serve_in_thread=os.name == "posix"))
+    # only been tried on POSIX. Python 3.12.0 and 3.12.1 refuse to start threads once the
+    # main thread has finished (fixed in 3.12.2), so they serve right here too.
+    sys.exit(main(serve_in_thread=os.name == "posix" and not (3, 12) <= sys.version_info[:3] < (3, 12, 2)))
