@@ -25,7 +25,6 @@ import calendar
 import collections
 import copy
 import email.utils
-import errno
 import hmac
 import html
 import http.client
