@@ -389,11 +389,11 @@ def throughput(port, concurrency, seconds, path=MESSAGES):
     return done / elapsed, errors[0], sum(counts) + errors[0]
 
 
-def throughput_rows(proxy_pid, fake, port, seconds, rounds=3):
+def throughput_rows(proxy_pid, fake, port, seconds, rounds=3, concurrencies=(1, 8, 64), label=""):
     """Requests per second at 1, 8 and 64 clients, direct and through the proxy in
     alternating rounds (medians), and the proxy's CPU per request at 8 clients."""
     rows = []
-    for concurrency in (1, 8, 64):
+    for concurrency in concurrencies:
         direct, proxied, cpu = [], [], []
         for _ in range(rounds):
             direct.append(throughput(fake, concurrency, seconds)[0])
@@ -404,10 +404,10 @@ def throughput_rows(proxy_pid, fake, port, seconds, rounds=3):
             if cpu0 is not None:
                 cpu.append((cpu1 - cpu0) / answered * 1000)
         d_rps, p_rps = pct(direct, 0.5), pct(proxied, 0.5)
-        rows.append(row("requests/s, %d concurrent (%.0f%% of direct)" % (concurrency, 100 * p_rps / d_rps),
+        rows.append(row("requests/s, %d concurrent%s (%.0f%% of direct)" % (concurrency, label, 100 * p_rps / d_rps),
                         d_rps, p_rps, "req/s", False))
         if concurrency == 8 and cpu:
-            rows.append(row("proxy CPU per request, 8 concurrent", None, pct(cpu, 0.5), "ms", False))
+            rows.append(row("proxy CPU per request, 8 concurrent" + label, None, pct(cpu, 0.5), "ms", False))
     return rows
 
 
@@ -471,11 +471,22 @@ def benchmark(quick=False):
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             rows.append(row("per-event delay %s (3 x 1,000 events)" % label, pct(direct, q), pct(through, q), "ms"))
         rows.extend(throughput_rows(proxy.pid, fake, port, 1.0 if quick else 2.0))
+        rows.extend(one_cpu_rows(procs, fake, 1.0 if quick else 2.0))
         rows.extend(memory_rows(procs, fake))
         rows.extend(tls_rows(procs, n))
     finally:
         procs.close()
     return rows
+
+
+def one_cpu_rows(procs, fake, seconds):
+    """The same proxy with ONE_CPU=1 (every thread on one core): streamed events and load."""
+    proxy, port, _ = procs.proxy(fake, extra={"ONE_CPU": "1"})
+    label = ", ONE_CPU=1"
+    direct, through = paired(event_delays, fake, port, rounds=3)
+    rows = [row("per-event delay %s%s" % (name, label), pct(direct, q), pct(through, q), "ms")
+            for q, name in ((0.5, "p50"), (0.99, "p99"))]
+    return rows + throughput_rows(proxy.pid, fake, port, seconds, concurrencies=(8, 64), label=label)
 
 
 def memory_rows(procs, fake):

@@ -1831,6 +1831,35 @@ class BindTests(unittest.TestCase):
         self.assertIn("Duo seat", warning)
 
 
+@unittest.skipUnless(hasattr(os, "sched_setaffinity"), "CPU pinning is Linux only")
+class OneCpuTests(unittest.TestCase):
+    def test_the_thread_and_those_it_starts_keep_to_one_cpu(self):
+        seen = {}
+
+        def pinned():
+            seen["cpu"] = gdp.keep_to_one_cpu()
+            child = threading.Thread(target=lambda: seen.update(child=os.sched_getaffinity(0)))
+            child.start()
+            child.join()
+        allowed = os.sched_getaffinity(0)
+        thread = threading.Thread(target=pinned)
+        thread.start()
+        thread.join()
+        self.assertEqual(seen["child"], {max(allowed)})
+        self.assertEqual(os.sched_getaffinity(0), allowed)  # other threads keep theirs
+
+    def test_the_setting_pins_every_thread_of_the_proxy(self):
+        proc, port = spawn_proxy(self, ["--one-cpu", "--port", "0"], dict(os.environ, GITLAB_TOKEN="t"))
+        self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")[:12], b"HTTP/1.1 200")
+        lists = set()
+        for task in os.listdir("/proc/%d/task" % proc.pid):
+            with open("/proc/%d/task/%s/status" % (proc.pid, task)) as fh:
+                lists.update(line.split()[1] for line in fh if line.startswith("Cpus_allowed_list"))
+        self.assertEqual(lists, {str(max(os.sched_getaffinity(0)))})
+        proc.terminate()
+        self.assertEqual(proc.wait(10), 0)
+
+
 def spawn_proxy(testcase, argv, environ):
     """Start the program as a process; (process, port) once it listens."""
     env_file = tempfile.NamedTemporaryFile("w", suffix=".env", delete=False)
