@@ -289,8 +289,9 @@ OPTIONS = (
            "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
     Option("one_cpu", "ONE_CPU", "--one-cpu", False, "bool",
            "Linux: keep all the proxy's threads on one CPU, so the GIL never crosses cores: "
-           "about a third less CPU per request and half again the throughput under many "
-           "concurrent requests, for ~0.03 ms more per streamed event when quiet"),
+           "a third less CPU per request and 40 percent more throughput with many concurrent "
+           "clients, but streamed events wait longer when that core is busy (for shared "
+           "servers, not a single user's laptop)"),
     Option("cors_origins", "CORS_ORIGINS", "--cors-origins", "", "str",
            "comma-separated origins allowed to call from a browser (none by default)"),
     Option("log_format", "LOG_FORMAT", "--log-format", "text", "logformat", "log lines as text or json"),
