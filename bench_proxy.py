@@ -471,7 +471,7 @@ def benchmark(quick=False):
         for q, label in ((0.5, "p50"), (0.99, "p99")):
             rows.append(row("per-event delay %s (3 x 1,000 events)" % label, pct(direct, q), pct(through, q), "ms"))
         rows.extend(throughput_rows(proxy.pid, fake, port, 1.0 if quick else 2.0))
-        rows.extend(one_cpu_rows(procs, fake, 1.0 if quick else 2.0))
+        rows.extend(unpinned_rows(procs, fake, 1.0 if quick else 2.0))
         rows.extend(memory_rows(procs, fake))
         rows.extend(tls_rows(procs, n))
     finally:
@@ -479,14 +479,12 @@ def benchmark(quick=False):
     return rows
 
 
-def one_cpu_rows(procs, fake, seconds):
-    """The same proxy with ONE_CPU=1 (every thread on one core): streamed events and load."""
-    proxy, port, _ = procs.proxy(fake, extra={"ONE_CPU": "1"})
-    label = ", ONE_CPU=1"
-    direct, through = paired(event_delays, fake, port, rounds=3)
-    rows = [row("per-event delay %s%s" % (name, label), pct(direct, q), pct(through, q), "ms")
-            for q, name in ((0.5, "p50"), (0.99, "p99"))]
-    return rows + throughput_rows(proxy.pid, fake, port, seconds, concurrencies=(8, 64), label=label)
+def unpinned_rows(procs, fake, seconds):
+    """Load on a proxy started with NO_BUSY_PINNING=1, to show what moving busy threads onto
+    one core saves."""
+    proxy, port, _ = procs.proxy(fake, extra={"NO_BUSY_PINNING": "1"})
+    return throughput_rows(proxy.pid, fake, port, seconds, concurrencies=(8, 64),
+                           label=", NO_BUSY_PINNING=1")
 
 
 def memory_rows(procs, fake):

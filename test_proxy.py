@@ -1831,33 +1831,68 @@ class BindTests(unittest.TestCase):
         self.assertIn("Duo seat", warning)
 
 
-@unittest.skipUnless(hasattr(os, "sched_setaffinity"), "CPU pinning is Linux only")
-class OneCpuTests(unittest.TestCase):
-    def test_the_thread_and_those_it_starts_keep_to_one_cpu(self):
-        seen = {}
-
-        def pinned():
-            seen["cpu"] = gdp.keep_to_one_cpu()
-            child = threading.Thread(target=lambda: seen.update(child=os.sched_getaffinity(0)))
-            child.start()
-            child.join()
-        allowed = os.sched_getaffinity(0)
-        thread = threading.Thread(target=pinned)
+class BusyPinningTests(ProxyTestCase):
+    def test_threads_move_to_one_core_under_load_and_back_when_quiet(self):
+        calls = []
+        pinning = gdp.BusyPinning(get_affinity=lambda pid: {0, 1, 2, 3},
+                                  set_affinity=lambda pid, cpus: calls.append(set(cpus)))
+        for in_flight in (1, 2, 3, 4, 3, 2, 1, 5):
+            pinning.adjust(in_flight)
+        self.assertEqual(calls, [{3}, {0, 1, 2, 3}, {3}])  # at 4; alone again; at 5
+        other = []
+        thread = threading.Thread(target=lambda: other.append(pinning.adjust(2)))
         thread.start()
         thread.join()
-        self.assertEqual(seen["child"], {max(allowed)})
-        self.assertEqual(os.sched_getaffinity(0), allowed)  # other threads keep theirs
+        self.assertEqual(len(calls), 3)  # each thread keeps its own state
 
-    def test_the_setting_pins_every_thread_of_the_proxy(self):
-        proc, port = spawn_proxy(self, ["--one-cpu", "--port", "0"], dict(os.environ, GITLAB_TOKEN="t"))
-        self.assertEqual(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")[:12], b"HTTP/1.1 200")
-        lists = set()
-        for task in os.listdir("/proc/%d/task" % proc.pid):
-            with open("/proc/%d/task/%s/status" % (proc.pid, task)) as fh:
-                lists.update(line.split()[1] for line in fh if line.startswith("Cpus_allowed_list"))
-        self.assertEqual(lists, {str(max(os.sched_getaffinity(0)))})
-        proc.terminate()
-        self.assertEqual(proc.wait(10), 0)
+    def test_off_when_asked_with_one_cpu_or_when_it_fails(self):
+        def refuse(pid, cpus):
+            raise OSError(22, "Invalid argument")
+        four = lambda pid: {0, 1, 2, 3}  # noqa: E731
+        self.assertFalse(gdp.BusyPinning(False, four, refuse).enabled)
+        self.assertFalse(gdp.BusyPinning(True, lambda pid: {0}, refuse).enabled)
+        pinning = gdp.BusyPinning(True, four, refuse)
+        with self.assertLogs("gitlab_duo_proxy", "WARNING") as logs:
+            pinning.adjust(4)
+        self.assertFalse(pinning.enabled)
+        self.assertIn("Invalid argument", logs.output[0])
+        server = gdp.ProxyServer(base_config(no_busy_pinning=True))
+        self.addCleanup(server.server_close)
+        self.assertFalse(server.pinning.enabled)
+
+    @unittest.skipUnless(hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1,
+                         "needs Linux and two CPUs")
+    def test_the_fourth_request_in_flight_runs_on_one_core(self):
+        release, threads = threading.Event(), {}
+        self.addCleanup(release.set)
+
+        def slow(h, r):
+            release.wait(10)
+            h.send_json(200, message_json("claude-sonnet-4-6"))
+
+        class Handler(gdp.ProxyHandler):
+            def route(self):
+                threads[threading.get_native_id()] = self.server.inflight.count
+                super().route()
+        proxy = start_server(self, gdp.ProxyServer(base_config(instance_url=self.gitlab.url,
+                                                               gateway_url=self.gateway.url),
+                                                   handler_class=Handler))
+        self.post("/v1/messages", SIMPLE, proxy=proxy)  # the token first, so all four wait upstream
+        self.gateway.script = [slow] * 4
+        threads.clear()
+        clients = [threading.Thread(target=self.post, args=("/v1/messages", SIMPLE), kwargs={"proxy": proxy})
+                   for _ in range(4)]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 10
+        while len(threads) < 4 and time.monotonic() < deadline:
+            proxy.inflight.wait_idle(0.01)
+        pinned = {tid: os.sched_getaffinity(tid) for tid, count in threads.items() if count >= 4}
+        release.set()
+        for client in clients:
+            client.join()
+        self.assertEqual(list(pinned.values()), [{max(os.sched_getaffinity(0))}])
+        self.assertGreater(len(os.sched_getaffinity(0)), 1)  # this thread was not moved
 
 
 def spawn_proxy(testcase, argv, environ):
