@@ -5,7 +5,7 @@ Starts a fast fake GitLab + AI gateway in its own process (raw sockets, canned a
 so it measures the proxy, not itself), starts the proxy as a user would, and reports
 each figure direct-to-fake and through-proxy in the same run:
 
-  python3 bench_proxy.py            # the benchmark table (about a minute)
+  python3 bench_proxy.py            # the benchmark table (about a minute and a half)
   python3 bench_proxy.py --load     # the load test: 200 streams, 2,000 short calls
   python3 bench_proxy.py --markdown # the table as Markdown, for the README
 
