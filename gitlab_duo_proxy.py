@@ -4043,6 +4043,6 @@ if __name__ == "__main__":
     # CPython keeps a script's syntax tree (megabytes, for this file) until the script's
     # last line has run. On POSIX the server runs on its own thread so this line returns
     # (Stopper's thread handles signals meanwhile). Windows serves right here, as that has
-    # only been tried on POSIX. Python 3.12.0 and 3.12.1 refuse to start threads once the
-    # main thread has finished (fixed in 3.12.2), so they serve right here too.
-    sys.exit(main(serve_in_thread=os.name == "posix" and not (3, 12) <= sys.version_info[:3] < (3, 12, 2)))
+    # only been tried on POSIX. Python 3.12.0 to 3.12.2 refuse to start threads once the
+    # main thread has finished (CPython gh-113964, fixed in 3.12.3), so they serve here too.
+    sys.exit(main(serve_in_thread=os.name == "posix" and not (3, 12) <= sys.version_info[:3] < (3, 12, 3)))
