@@ -1866,6 +1866,9 @@ def describe_network_error(exc, endpoint):
     return "%s: %s" % (where, text)
 
 
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # where it is missing, no socket is blocking
+
+
 def _kernel_timed(base):
     """base (a socket method), raising socket.timeout where the kernel's timeout ran out."""
     def call(self, *args):
@@ -2136,7 +2139,7 @@ def connection_alive(conn):
         if not readable:
             return True
         # Readable while idle means closed, unless TLS has a post-handshake message waiting.
-        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK)) and isinstance(sock, ssl.SSLSocket)
+        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | _DONTWAIT)) and isinstance(sock, ssl.SSLSocket)
     except (OSError, ValueError):
         return False
 
@@ -2659,7 +2662,9 @@ class DisconnectWatcher:
 def peer_closed(sock):
     """True if a readable client socket means the client hung up (EOF, reset, TLS alert)."""
     try:
-        first = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+        # MSG_DONTWAIT: sockets with kernel-kept timeouts are blocking, and this thread
+        # must never wait on one client.
+        first = socket.socket.recv(sock, 1, socket.MSG_PEEK | _DONTWAIT)
     except BlockingIOError:
         return False
     except OSError:

@@ -2147,6 +2147,16 @@ class KernelTimeoutSocketTests(unittest.TestCase):
         self.assertRaises(BlockingIOError, sock.recv, 10)
         self.assertRaises(ValueError, sock.settimeout, -1)
 
+    def test_peeks_never_block_on_them(self):
+        sock, peer = self.pair(None)  # blocking, no timeout at all
+        answers = []
+        peek = threading.Thread(target=lambda: answers.append(gdp.peer_closed(sock)), daemon=True)
+        peek.start()
+        peek.join(5)
+        self.assertEqual(answers, [False])  # no data yet: answered at once, not after a wait
+        peer.close()
+        self.assertTrue(gdp.peer_closed(sock))
+
     def test_proxy_uses_them_for_plain_sockets_both_ways(self):
         seen = []
 
