@@ -828,9 +828,9 @@ class Headers:
         return self._first.get(name.lower(), default)
 
     def get_all(self, name, failobj=None):
-        if name.lower() not in self._first:
-            return failobj
         key = name.lower()
+        if key not in self._first:
+            return failobj
         return [value for field, value in self._items if field.lower() == key]
 
     def items(self):
@@ -1875,7 +1875,7 @@ def _kernel_timed(base):
         try:
             return base(self, *args)
         except BlockingIOError:
-            if self._kernel_timeout == 0:
+            if self.gettimeout() == 0:
                 raise  # a non-blocking socket: no data now, not a timeout
             raise socket.timeout("timed out") from None
     call.__name__ = base.__name__
