@@ -541,10 +541,11 @@ class ProxyTestCase(unittest.TestCase):
         self.gateway = start_server(self, FakeGateway(self.duo))
         self.proxy = self.make_proxy(**self.config_overrides)
 
-    def make_proxy(self, **overrides):
+    def make_proxy(self, handler_class=gdp.ProxyHandler, **overrides):
         overrides.setdefault("instance_url", self.gitlab.url)
         overrides.setdefault("gateway_url", self.gateway.url)
-        return start_server(self, gdp.ProxyServer(base_config(**overrides), clock=self.clock))
+        return start_server(self, gdp.ProxyServer(base_config(**overrides), clock=self.clock,
+                                                  handler_class=handler_class))
 
     def request(self, method, path, body=None, headers=None, proxy=None, timeout=10):
         proxy = proxy or self.proxy
@@ -1874,9 +1875,7 @@ class BusyPinningTests(ProxyTestCase):
             def route(self):
                 threads[threading.get_native_id()] = self.server.inflight.count
                 super().route()
-        proxy = start_server(self, gdp.ProxyServer(base_config(instance_url=self.gitlab.url,
-                                                               gateway_url=self.gateway.url),
-                                                   handler_class=Handler))
+        proxy = self.make_proxy(Handler)
         self.post("/v1/messages", SIMPLE, proxy=proxy)  # the token first, so all four wait upstream
         self.gateway.script = [slow] * 4
         threads.clear()
@@ -1965,8 +1964,7 @@ class SecretTests(ProxyTestCase):
         class Broken(gdp.ProxyHandler):
             def route_list_models(self, query):
                 raise RuntimeError("boom with " + GITLAB_TOKEN + " and " + PROXY_KEY)
-        proxy = start_server(self, gdp.ProxyServer(base_config(api_key=PROXY_KEY, instance_url=self.gitlab.url,
-                                                               gateway_url=self.gateway.url), handler_class=Broken))
+        proxy = self.make_proxy(Broken, api_key=PROXY_KEY)
         with self.assertLogs("gitlab_duo_proxy", "DEBUG") as logs:
             resp = self.request("GET", "/v1/models", headers={"x-api-key": PROXY_KEY}, proxy=proxy)
         self.assertEqual((resp.status, resp.error["type"]), (500, "api_error"))
@@ -2157,27 +2155,23 @@ class KernelTimeoutSocketTests(unittest.TestCase):
         peer.close()
         self.assertTrue(gdp.peer_closed(sock))
 
-    def test_proxy_uses_them_for_plain_sockets_both_ways(self):
+
+class TimeoutTests(ProxyTestCase):
+    @unittest.skipUnless(gdp.KernelTimeoutSocket.available, "kernel socket timeouts are used on Linux only")
+    def test_proxy_uses_kernel_timeouts_for_plain_sockets_both_ways(self):
         seen = []
 
         class Handler(gdp.ProxyHandler):
             def handle(self):
                 seen.append(type(self.connection))
                 super().handle()
-        gitlab = start_server(self, ScriptedServer(FakeGitLabHandler, DuoState(FakeClock())))
-        gateway = start_server(self, FakeGateway(gitlab.state))
-        proxy = start_server(self, gdp.ProxyServer(base_config(instance_url=gitlab.url, gateway_url=gateway.url),
-                                                   handler_class=Handler))
-        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=10)
-        self.addCleanup(conn.close)
-        conn.request("POST", "/v1/messages", json.dumps(SIMPLE), {"anthropic-version": "2023-06-01"})
-        self.assertEqual(conn.getresponse().read() and seen, [gdp.KernelTimeoutSocket])
+        proxy = self.make_proxy(Handler)
+        self.assertEqual(self.post("/v1/messages", SIMPLE, proxy=proxy).status, 200)
+        self.assertEqual(seen, [gdp.KernelTimeoutSocket])
         pooled = [c for conns in proxy.pool._idle.values() for c, _ in conns]
         self.assertTrue(pooled)
         self.assertTrue(all(isinstance(c.sock, gdp.KernelTimeoutSocket) for c in pooled))
 
-
-class TimeoutTests(ProxyTestCase):
     def test_gateway_that_never_answers_is_a_504(self):
         never = threading.Event()
         self.addCleanup(never.set)
