@@ -3,7 +3,8 @@
 
 Starts a fast fake GitLab + AI gateway in its own process (raw sockets, canned answers,
 so it measures the proxy, not itself), starts the proxy as a user would, and reports
-each figure direct-to-fake and through-proxy in the same run:
+each figure direct-to-fake and through-proxy in the same run. A bare relay (copies bytes,
+nothing else) shows the floor: what any threaded CPython relay achieves on the machine.
 
   python3 bench_proxy.py            # the benchmark table (about a minute and a half)
   python3 bench_proxy.py --load     # the load test: 200 streams, 2,000 short calls
@@ -57,25 +58,33 @@ def _chunk(data):
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-def _read_request(sock, buf):
+def _read_message(sock, buf):
+    """One HTTP message framed by Content-Length: (head, body, what follows); head is
+    None once the peer has closed."""
     while b"\r\n\r\n" not in buf:
         data = sock.recv(65536)
         if not data:
-            return None, b""
+            return None, None, b""
         buf += data
     head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
     length = 0
-    for line in lines[1:]:
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
     while len(rest) < length:
         data = sock.recv(65536)
         if not data:
-            return None, b""
+            return None, None, b""
         rest += data
-    return (lines[0].split(b" ")[1].decode(), rest[:length]), rest[length:]
+    return head, rest[:length], rest[length:]
+
+
+def _read_request(sock, buf):
+    head, body, buf = _read_message(sock, buf)
+    if head is None:
+        return None, b""
+    return (head.split(b"\r\n", 1)[0].split(b" ")[1].decode(), body), buf
 
 
 def _stream(sock, body):
@@ -126,6 +135,16 @@ def _serve_connection(sock, answers, counters, lock):
         sock.close()
 
 
+def _listen():
+    """A listener on a free loopback port, its number printed for the parent process."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1024)
+    print(listener.getsockname()[1], flush=True)
+    return listener
+
+
 def serve_fake(cert=None, key=None):
     """The fake upstream's main loop: prints its port, serves until killed."""
     answers, counters, lock = _fake_answers(), {"connections": 0, "exchanges": 0}, threading.Lock()
@@ -133,11 +152,7 @@ def serve_fake(cert=None, key=None):
     if cert:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(1024)
-    print(listener.getsockname()[1], flush=True)
+    listener = _listen()
     while True:
         sock, _ = listener.accept()
         with lock:
@@ -149,6 +164,41 @@ def serve_fake(cert=None, key=None):
                 sock.close()
                 continue
         threading.Thread(target=_serve_connection, args=(sock, answers, counters, lock), daemon=True).start()
+
+
+# --- the floor: a bare relay (runs in its own process) -----------------------------------
+
+def _relay_connection(client, upstream_port):
+    """Copies each request to the fake and its answer back, on one kept-alive upstream
+    connection per client, and does nothing else: no checks, no logging, no pool."""
+    upstream = socket.create_connection(("127.0.0.1", upstream_port))
+    for sock in (client, upstream):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    inbox, outbox = b"", b""
+    try:
+        while True:
+            head, body, inbox = _read_message(client, inbox)
+            if head is None:
+                return
+            upstream.sendall(head.replace(PROXIED.encode(), MESSAGES.encode(), 1) + b"\r\n\r\n" + body)
+            head, body, outbox = _read_message(upstream, outbox)
+            if head is None:
+                return
+            client.sendall(head + b"\r\n\r\n" + body)
+    except OSError:
+        return
+    finally:
+        client.close()
+        upstream.close()
+
+
+def serve_relay(upstream_port):
+    """The least any threaded CPython relay can cost per call on this machine: the proxy's
+    figures next to its own show what the proxy's own work costs."""
+    listener = _listen()
+    while True:
+        sock, _ = listener.accept()
+        threading.Thread(target=_relay_connection, args=(sock, int(upstream_port)), daemon=True).start()
 
 
 # --- a lean client ----------------------------------------------------------------------
@@ -241,6 +291,13 @@ class Processes:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE)
         self.procs.append(proc)
         return int(proc.stdout.readline())
+
+    def relay(self, upstream_port):
+        """The bare relay in front of the fake: (process, port)."""
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-relay", str(upstream_port)],
+                                stdout=subprocess.PIPE)
+        self.procs.append(proc)
+        return proc, int(proc.stdout.readline())
 
     def cert(self):
         if not hasattr(self, "_cert"):
@@ -389,7 +446,7 @@ def throughput(port, concurrency, seconds, path=MESSAGES):
     return done / elapsed, errors[0], sum(counts) + errors[0]
 
 
-def throughput_rows(proxy_pid, fake, port, seconds, rounds=3, concurrencies=(1, 8, 64), label=""):
+def throughput_rows(proxy_pid, fake, port, seconds, rounds=3, concurrencies=(1, 8, 64), label="", who="proxy"):
     """Requests per second at 1, 8 and 64 clients, direct and through the proxy in
     alternating rounds (medians), and the proxy's CPU per request at 8 clients."""
     rows = []
@@ -407,7 +464,7 @@ def throughput_rows(proxy_pid, fake, port, seconds, rounds=3, concurrencies=(1, 
         rows.append(row("requests/s, %d concurrent%s (%.0f%% of direct)" % (concurrency, label, 100 * p_rps / d_rps),
                         d_rps, p_rps, "req/s", False))
         if concurrency == 8 and cpu:
-            rows.append(row("proxy CPU per request, 8 concurrent" + label, None, pct(cpu, 0.5), "ms", False))
+            rows.append(row("%s CPU per request, 8 concurrent%s" % (who, label), None, pct(cpu, 0.5), "ms", False))
     return rows
 
 
@@ -472,6 +529,7 @@ def benchmark(quick=False):
             rows.append(row("per-event delay %s (3 x 1,000 events)" % label, pct(direct, q), pct(through, q), "ms"))
         rows.extend(throughput_rows(proxy.pid, fake, port, 1.0 if quick else 2.0))
         rows.extend(unpinned_rows(procs, fake, 1.0 if quick else 2.0))
+        rows.extend(floor_rows(procs, fake, 1.0 if quick else 2.0))
         rows.extend(memory_rows(procs, fake))
         rows.extend(tls_rows(procs, n))
     finally:
@@ -485,6 +543,13 @@ def unpinned_rows(procs, fake, seconds):
     proxy, port, _ = procs.proxy(fake, extra={"NO_BUSY_PINNING": "1"})
     return throughput_rows(proxy.pid, fake, port, seconds, concurrencies=(8, 64),
                            label=", NO_BUSY_PINNING=1")
+
+
+def floor_rows(procs, fake, seconds):
+    """The same load through the bare relay: the most a threaded CPython relay achieves here."""
+    relay, port = procs.relay(fake)
+    return throughput_rows(relay.pid, fake, port, seconds, concurrencies=(8, 64), label=", bare relay (floor)",
+                           who="relay")
 
 
 def memory_rows(procs, fake):
@@ -579,9 +644,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--serve-fake", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-relay", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_fake is not None:
         return serve_fake(*args.serve_fake)
+    if args.serve_relay:
+        return serve_relay(args.serve_relay)
     print("machine: %s" % machine())
     if args.load:
         print_table(("load test", "result"), load_test(), args.markdown)

@@ -745,8 +745,9 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 class JsonBody:
-    """A request body parsed once, keeping where each top-level value sits in the text,
-    so the model name can change without re-serialising anything else."""
+    """A request body parsed once. Where each top-level value sits in the text is found
+    only when a value must change (edited), so the model name can change without
+    re-serialising anything else; most bodies are sent on as they came."""
 
     __slots__ = ("raw", "text", "members", "spans", "key_spans", "brace")
 
@@ -757,6 +758,18 @@ class JsonBody:
         except UnicodeDecodeError as exc:
             raise BadRequest("request body is not valid UTF-8 (byte %d); send JSON encoded as "
                              "UTF-8" % exc.start) from None
+        self.spans = None
+        try:
+            members = json.loads(self.text)
+        except ValueError:
+            members = None  # _locate says precisely what is wrong
+        if isinstance(members, dict):
+            self.members = members
+        else:
+            self._locate()  # not an object, or not JSON: raises BadRequest saying which
+
+    def _locate(self):
+        """Fill spans and key_spans (members too), or raise BadRequest saying what is wrong."""
         self.members, self.spans, self.key_spans = {}, {}, {}
         try:
             self._scan()
@@ -803,6 +816,8 @@ class JsonBody:
         """The body as bytes with top-level values replaced (or added first) and keys
         renamed; every other byte stays as the client sent it."""
         values, renames = dict(values), dict(renames)
+        if self.spans is None:
+            self._locate()
         splices = [self.spans[k] + (json.dumps(v),) for k, v in values.items() if k in self.spans]
         splices += [self.key_spans[k] + (json.dumps(new),) for k, new in renames.items() if k in self.key_spans]
         added = ["%s:%s" % (json.dumps(k), json.dumps(v)) for k, v in values.items() if k not in self.spans]
@@ -1927,29 +1942,53 @@ class KernelTimeoutSocket(socket.socket):
     sendall = _kernel_timed(socket.socket.sendall)
 
 
-class UpstreamResponse(http.client.HTTPResponse):
-    """http.client's response, but its headers are read by read_headers: parsing them into
-    an email.message.Message costs more than everything else the proxy does per call.
-    begin() is the standard library's own (the same from 3.8 to 3.13) apart from that."""
+def int_or_none(text):
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
+
+
+class UpstreamResponse:
+    """An answer from GitLab or the gateway, read from its connection's own buffered reader.
+
+    http.client's HTTPResponse makes a new reader for every answer and parses the header
+    block into an email.message.Message; the two cost more than everything else the proxy
+    does per call. This reads the same framing as http.client (Content-Length, chunked,
+    until close; a 100 Continue skipped; HEAD, 1xx, 204 and 304 bodiless) and raises
+    http.client's exceptions, so a caller sees no difference."""
+
+    def __init__(self, fp, method):
+        self.fp, self._method = fp, method
+        self.status = self.reason = self.headers = self.length = self.chunk_left = None
+        self.version, self.chunked, self.will_close, self.done = 11, False, False, False
 
     def begin(self):
-        if self.headers is not None:
-            return
         while True:
             version, status, reason = self._read_status()
             if status != http.client.CONTINUE:
                 break
-            self._read_fields()  # an interim 1xx answer: its fields mean nothing to us
-        self.code = self.status = status
-        self.reason = reason.strip()
+            self._read_fields()  # an interim answer: its fields mean nothing to us
+        self.status, self.reason = status, reason.strip()
         if version in ("HTTP/1.0", "HTTP/0.9"):
             self.version = 10
-        elif version.startswith("HTTP/1."):
-            self.version = 11
-        else:
+        elif not version.startswith("HTTP/1."):
             raise http.client.UnknownProtocol(version)
-        self.headers = self.msg = self._read_fields()
+        self.headers = self._read_fields()
         self._frame()
+
+    def _read_status(self):
+        line = self.fp.readline(65537)
+        if len(line) > 65536:
+            raise http.client.LineTooLong("status line")
+        if not line:
+            # What a kept-alive connection the server has closed meanwhile answers.
+            raise http.client.RemoteDisconnected("Remote end closed connection without response")
+        words = line.decode("iso-8859-1").split(None, 2)
+        status = int_or_none(words[1]) if len(words) > 1 else None
+        if not words[0].startswith("HTTP/") or status is None or not 100 <= status <= 999:
+            raise http.client.BadStatusLine(line.decode("iso-8859-1"))
+        return words[0], status, words[2] if len(words) > 2 else ""
 
     def _read_fields(self):
         try:
@@ -1960,34 +1999,104 @@ class UpstreamResponse(http.client.HTTPResponse):
     def _frame(self):
         encoding = self.headers.get("transfer-encoding")
         self.chunked = bool(encoding and encoding.lower() == "chunked")
-        self.chunk_left = None
         self.will_close = self._check_close()
-        self.length = None
-        length = self.headers.get("content-length")
-        if length and not self.chunked:
-            try:
-                self.length = int(length)
-            except ValueError:
-                self.length = None
-            if self.length is not None and self.length < 0:
-                self.length = None
-        if self.status in (204, 304) or 100 <= self.status < 200 or self._method == "HEAD":
-            self.length = 0
-        if not self.will_close and not self.chunked and self.length is None:
-            self.will_close = True
+        length = int_or_none(self.headers.get("content-length"))
+        if length is not None and length >= 0 and not self.chunked:
+            self.length = length
+        if self.status in (204, 304) or self.status < 200 or self._method == "HEAD":
+            self.length, self.chunked = 0, False
+        if self.length is None and not self.chunked:
+            self.will_close = True  # the body ends when the server closes
+        if self.length == 0:
+            self.done = True
+
+    def _check_close(self):
+        """http.client's rule: HTTP/1.1 stays open unless told; HTTP/1.0 closes unless told."""
+        connection = (self.headers.get("connection") or "").lower()
+        if self.version == 11:
+            return "close" in connection
+        keep = self.headers.get("keep-alive") or "keep-alive" in connection or \
+            "keep-alive" in (self.headers.get("proxy-connection") or "").lower()
+        return not keep
+
+    def read(self):
+        """The rest of the body."""
+        if self.chunked:
+            parts = []
+            while not self.done:
+                parts.append(self.read1(MIB))
+            return b"".join(parts)
+        if self.done:
+            return b""
+        if self.length is None:
+            data, self.done = self.fp.read(), True
+            return data
+        data = self.fp.read(self.length)
+        if len(data) < self.length:
+            raise http.client.IncompleteRead(data, self.length - len(data))
+        self.length, self.done = 0, True
+        return data
+
+    def read1(self, n):
+        """What has arrived of the body, at most n bytes; b"" at its end."""
+        if self.done:
+            return b""
+        if self.chunked:
+            return self._read1_chunked(n)
+        data = self.fp.read1(n if self.length is None else min(n, self.length))
+        if self.length is None:
+            self.done = not data
+            return data
+        if not data:
+            raise http.client.IncompleteRead(b"", self.length)
+        self.length -= len(data)
+        self.done = not self.length
+        return data
+
+    def _read1_chunked(self, n):
+        if not self.chunk_left:
+            if self.chunk_left == 0 and len(self.fp.read(2)) < 2:  # the CRLF ending a chunk
+                raise http.client.IncompleteRead(b"")
+            self.chunk_left = self._chunk_size()
+            if not self.chunk_left:
+                self._skip_trailer()
+                self.done = True
+                return b""
+        data = self.fp.read1(min(n, self.chunk_left))
+        if not data:
+            raise http.client.IncompleteRead(b"", self.chunk_left)
+        self.chunk_left -= len(data)
+        return data
+
+    def _chunk_size(self):
+        line = self.fp.readline(65537)
+        if len(line) > 65536:
+            raise http.client.LineTooLong("chunk size")
+        try:
+            return int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            raise http.client.IncompleteRead(b"") from None  # as http.client: cut, or garbled
+
+    def _skip_trailer(self):
+        while True:
+            line = self.fp.readline(65537)
+            if len(line) > 65536:
+                raise http.client.LineTooLong("trailer line")
+            if line in (b"\r\n", b"\n", b""):
+                return
 
 
 _UNSAFE_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
 
 
 class _OneWriteRequests:
-    """http.client connects (TLS and proxy tunnels included) and reads the answers; the
-    request goes out as one write: its line, Host and the pre-encoded header block, then
+    """http.client connects (TLS and proxy tunnels included), UpstreamResponse reads the
+    answers, and the request goes out as one write: its line, Host and the pre-encoded header block, then
     the body. http.client's own request path would make two writes (two packets, and on a
     loaded machine two wake-ups of the server) and cost a putheader() call per field."""
 
-    response_class = UpstreamResponse
     _host_field = None
+    _reader = None
 
     def send_request(self, method, path, body, head_block):
         if _UNSAFE_IN_TARGET.search(path) or _UNSAFE_IN_TARGET.search(method):
@@ -2010,17 +2119,19 @@ class _OneWriteRequests:
         return b"Host: %s\r\n" % name if port == self.default_port else b"Host: %s:%d\r\n" % (name, port)
 
     def getresponse(self):
-        """The answer, its head read. A connection the server will close is handed to the
-        answer (as http.client does), so it never goes back to the pool."""
-        response = self.response_class(self.sock, method=self._method)
-        try:
-            response.begin()
-        except BaseException:
-            response.close()
-            raise
-        if response.will_close:
-            self.close()
+        """The answer, its head read. The connection keeps one reader for all its answers;
+        the Reply that owns the answer closes the connection unless it was read whole."""
+        if self._reader is None:
+            self._reader = self.sock.makefile("rb")
+        response = UpstreamResponse(self._reader, self._method)
+        response.begin()
         return response
+
+    def close(self):
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+        super().close()
 
 
 class UpstreamHTTPConnection(_OneWriteRequests, http.client.HTTPConnection):
@@ -2178,7 +2289,7 @@ class Reply:
         if self._done:
             return
         self._done = True
-        if self.resp.isclosed() and not self.resp.will_close:
+        if self.resp.done and not self.resp.will_close:
             self.pool.release(self.endpoint, self.conn)
         else:
             self.conn.close()
