@@ -2665,14 +2665,25 @@ def abort_connection(conn):
         pass  # already closed by its owner: nothing left to interrupt
 
 
+# Selectors that see a socket registered while another thread waits in them; select()
+# and poll() read their list only when called, so with those the waiting thread must do it.
+_LIVE_SELECTORS = tuple(getattr(selectors, name) for name in ("EpollSelector", "KqueueSelector", "DevpollSelector")
+                        if hasattr(selectors, name))
+
+
 class DisconnectWatcher:
     """One thread for the whole server that notices clients hanging up mid-stream and
-    cuts their upstream connection, even while the upstream is silent."""
+    cuts their upstream connection, even while the upstream is silent.
+
+    With epoll or kqueue (Linux, macOS, BSD) a stream registers and unregisters its client
+    itself: no round trip to this thread, which cost a quarter of a millisecond of every
+    stream's time to first byte. With select() (Windows) this thread is woken to do it."""
 
     def __init__(self, selector_class=selectors.DefaultSelector):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the selector's map and _ops
         self._ops = []
         self._selector = selector_class()
+        self._live = isinstance(self._selector, _LIVE_SELECTORS)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
@@ -2681,23 +2692,35 @@ class DisconnectWatcher:
 
     def watch(self, sock):
         watch = _Watch(sock)
-        self._submit("add", watch)
+        if not self._live:
+            self._submit("add", watch)
+            return watch
+        with self._lock:
+            if not self._closed:
+                self._start()
+                self._register(watch)
         return watch
 
     def unwatch(self, watch):
         with watch.lock:
             watch.target = None
-        if self._submit("remove", watch):
+        if self._live:
+            with self._lock:
+                self._forget(watch)
+        elif self._submit("remove", watch):
             watch.removed.wait(5.0)
+
+    def _start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
+            self._thread.start()
 
     def _submit(self, op, watch):
         with self._lock:
             if self._closed:
                 return False
             self._ops.append((op, watch))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
-                self._thread.start()
+            self._start()
         self._wake_w.send(b"\0")
         return True
 
@@ -2716,9 +2739,10 @@ class DisconnectWatcher:
                     self._check(key.data)
 
     def _drop_closed(self):
-        for key in list(self._selector.get_map().values()):
-            if key.data is not None and key.fileobj.fileno() == -1:
-                self._forget(key.data)
+        with self._lock:
+            for key in list(self._selector.get_map().values()):
+                if key.data is not None and key.fileobj.fileno() == -1:
+                    self._forget(key.data)
 
     def _apply_ops(self):
         try:
@@ -2727,14 +2751,13 @@ class DisconnectWatcher:
             pass  # several wake-ups were read at once
         with self._lock:
             ops, self._ops = self._ops, []
-            closed = self._closed
-        for op, watch in ops:
-            if op == "add":
-                self._register(watch)
-            else:
-                self._forget(watch)
-                watch.removed.set()
-        return not closed
+            for op, watch in ops:
+                if op == "add":
+                    self._register(watch)
+                else:
+                    self._forget(watch)
+                    watch.removed.set()
+            return not self._closed
 
     def _register(self, watch):
         try:
@@ -2753,10 +2776,17 @@ class DisconnectWatcher:
             pass  # already dropped when the client hung up
 
     def _check(self, watch):
-        if peer_closed(watch.sock):
+        with self._lock:
+            key = self._selector.get_map().get(watch.sock)
+            if key is None or key.data is not watch:
+                return  # the stream ended meanwhile: this readiness is not ours to judge
+            state = peer_state(watch.sock)
+            if state == "idle":
+                return  # nothing arrived after all: keep watching
+            # Gone, or sending a next request: either way of no more interest.
+            self._forget(watch)
+        if state == "gone":
             watch.fire()
-        # Either way the socket is of no more interest: gone, or sending a next request.
-        self._forget(watch)
 
     def close(self):
         with self._lock:
@@ -2770,17 +2800,20 @@ class DisconnectWatcher:
         self._wake_w.close()
 
 
-def peer_closed(sock):
-    """True if a readable client socket means the client hung up (EOF, reset, TLS alert)."""
+def peer_state(sock):
+    """What a client socket holds: "gone" (it hung up: EOF, a reset or a TLS alert),
+    "data" (a next request) or "idle" (nothing)."""
     try:
         # MSG_DONTWAIT: sockets with kernel-kept timeouts are blocking, and this thread
         # must never wait on one client.
         first = socket.socket.recv(sock, 1, socket.MSG_PEEK | _DONTWAIT)
     except BlockingIOError:
-        return False
+        return "idle"
     except OSError:
-        return True
-    return first == b"" or (isinstance(sock, ssl.SSLSocket) and first == b"\x15")
+        return "gone"
+    if first == b"" or (isinstance(sock, ssl.SSLSocket) and first == b"\x15"):
+        return "gone"
+    return "data"
 
 
 # === Request handler ===

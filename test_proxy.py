@@ -2191,12 +2191,16 @@ class KernelTimeoutSocketTests(unittest.TestCase):
     def test_peeks_never_block_on_them(self):
         sock, peer = self.pair(None)  # blocking, no timeout at all
         answers = []
-        peek = threading.Thread(target=lambda: answers.append(gdp.peer_closed(sock)), daemon=True)
+        peek = threading.Thread(target=lambda: answers.append(gdp.peer_state(sock)), daemon=True)
         peek.start()
         peek.join(5)
-        self.assertEqual(answers, [False])  # no data yet: answered at once, not after a wait
+        self.assertEqual(answers, ["idle"])  # no data yet: answered at once, not after a wait
+        peer.sendall(b"G")
+        self.assertEqual(gdp.peer_state(sock), "data")
         peer.close()
-        self.assertTrue(gdp.peer_closed(sock))
+        self.assertEqual(gdp.peer_state(sock), "data")  # the byte is still there to read
+        sock.recv(1)
+        self.assertEqual(gdp.peer_state(sock), "gone")
 
 
 class TimeoutTests(ProxyTestCase):
@@ -3058,43 +3062,67 @@ class DisconnectWatcherTests(unittest.TestCase):
             watch.removed.wait(0.01)
         return watch.gone
 
+    SELECTORS = (None, "select")  # the platform's (epoll here: live registration) and select()
+
+    def each_watcher(self):
+        for kind in self.SELECTORS:
+            with self.subTest(selector=kind or "default"):
+                yield self.watcher(selectors_select() if kind else None)
+
     def test_hang_up_fires_and_cuts_the_bound_connection(self):
-        watcher = self.watcher()
-        server_side, client_side = self.pair()
-        upstream, far = self.pair()
-        watch = watcher.watch(server_side)
-        holder = type("Conn", (), {"sock": upstream})()
-        watch.bind(holder)
-        client_side.close()
-        self.assertTrue(self.wait_gone(watch))
-        far.settimeout(5)
-        self.assertEqual(far.recv(1), b"")  # the upstream socket was shut down
-        watcher.unwatch(watch)
+        for watcher in self.each_watcher():
+            server_side, client_side = self.pair()
+            upstream, far = self.pair()
+            watch = watcher.watch(server_side)
+            holder = type("Conn", (), {"sock": upstream})()
+            watch.bind(holder)
+            client_side.close()
+            self.assertTrue(self.wait_gone(watch))
+            far.settimeout(5)
+            self.assertEqual(far.recv(1), b"")  # the upstream socket was shut down
+            watcher.unwatch(watch)
 
     def test_a_next_request_is_not_a_hang_up(self):
-        watcher = self.watcher()
-        server_side, client_side = self.pair()
-        watch = watcher.watch(server_side)
-        client_side.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        watcher.unwatch(watch)
-        self.assertFalse(watch.gone)
-        self.assertEqual(server_side.recv(100)[:3], b"GET")  # peeked, never consumed
+        for watcher in self.each_watcher():
+            server_side, client_side = self.pair()
+            watch = watcher.watch(server_side)
+            client_side.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            watcher.unwatch(watch)
+            self.assertFalse(watch.gone)
+            self.assertEqual(server_side.recv(100)[:3], b"GET")  # peeked, never consumed
 
     def test_survives_a_socket_closed_while_registered(self):
-        for reuse_number in (False, True):
-            watcher = self.watcher(selectors_select())
-            first, first_peer = socket.socketpair()
-            self.addCleanup(first_peer.close)
-            watcher.watch(first)
-            if not reuse_number:
-                server_side, client_side = self.pair()  # made first: first's number stays free
-            first.close()  # select() now fails on it, or its number comes back for a new socket
-            if reuse_number:
-                server_side, client_side = self.pair()
+        for watcher in self.each_watcher():
+            for reuse_number in (False, True):
+                first, first_peer = socket.socketpair()
+                self.addCleanup(first_peer.close)
+                watcher.watch(first)
+                if not reuse_number:
+                    server_side, client_side = self.pair()  # made first: first's number stays free
+                first.close()  # select() now fails on it, or its number comes back for a new socket
+                if reuse_number:
+                    server_side, client_side = self.pair()
+                watch = watcher.watch(server_side)
+                client_side.close()
+                self.assertTrue(self.wait_gone(watch), reuse_number)
+                watcher.unwatch(watch)
+
+    def test_readiness_that_is_stale_changes_nothing(self):
+        # Streams register and leave while the watcher's thread waits, so it can be told of
+        # a socket with nothing to read, or of a stream that has ended since.
+        for watcher in self.each_watcher():
+            server_side, client_side = self.pair()
             watch = watcher.watch(server_side)
+            watcher._check(watch)  # nothing to read: still watched
             client_side.close()
-            self.assertTrue(self.wait_gone(watch), reuse_number)
+            self.assertTrue(self.wait_gone(watch))
             watcher.unwatch(watch)
+            server_side, client_side = self.pair()
+            ended = watcher.watch(server_side)
+            watcher.unwatch(ended)
+            client_side.close()
+            watcher._check(ended)
+            self.assertFalse(ended.gone)
 
 
 def selectors_select():
