@@ -2978,6 +2978,17 @@ class JsonLogTests(unittest.TestCase):
         code, _, err = run_script(["--log-format", "json", "--port", "0", "--help"], {})
         self.assertEqual(code, 0)
 
+    def test_text_lines_are_loggings_own_format(self):
+        standard = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+        record = logging.LogRecord("gitlab_duo_proxy", logging.INFO, __file__, 1, "POST %s", ("/v1/messages",), None)
+        self.assertEqual(gdp.TextLogFormatter().format(record), standard.format(record))
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            failed = logging.LogRecord("gitlab_duo_proxy", logging.ERROR, __file__, 1, "oops", (), sys.exc_info())
+        self.assertEqual(gdp.TextLogFormatter().format(failed), standard.format(failed))
+        self.assertIn("ValueError: boom", gdp.TextLogFormatter().format(failed))
+
     def test_log_file(self):
         path = os.path.join(tempfile.mkdtemp(), "proxy.log")
         code, out, err = run_script(["--log-file", path, "--port", "0", "--env-file", os.devnull + "x"], {})
