@@ -1986,7 +1986,7 @@ class UpstreamResponse:
             raise http.client.RemoteDisconnected("Remote end closed connection without response")
         words = line.decode("iso-8859-1").split(None, 2)
         status = int_or_none(words[1]) if len(words) > 1 else None
-        if not words[0].startswith("HTTP/") or status is None or not 100 <= status <= 999:
+        if not words or not words[0].startswith("HTTP/") or status is None or not 100 <= status <= 999:
             raise http.client.BadStatusLine(line.decode("iso-8859-1"))
         return words[0], status, words[2] if len(words) > 2 else ""
 
@@ -2091,9 +2091,9 @@ _UNSAFE_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
 
 class _OneWriteRequests:
     """http.client connects (TLS and proxy tunnels included), UpstreamResponse reads the
-    answers, and the request goes out as one write: its line, Host and the pre-encoded header block, then
-    the body. http.client's own request path would make two writes (two packets, and on a
-    loaded machine two wake-ups of the server) and cost a putheader() call per field."""
+    answers, and a request goes out as one write: its line, Host and the pre-encoded header
+    block, then the body. http.client's own request path would make two writes (two packets,
+    and on a loaded machine two wake-ups of the server) and cost a putheader() per field."""
 
     _host_field = None
     _reader = None
@@ -2706,7 +2706,8 @@ class DisconnectWatcher:
             watch.target = None
         if self._live:
             with self._lock:
-                self._forget(watch)
+                if not self._closed:
+                    self._forget(watch)
         elif self._submit("remove", watch):
             watch.removed.wait(5.0)
 

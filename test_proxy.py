@@ -2105,6 +2105,8 @@ class PoolTests(ProxyTestCase):
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nshort",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"",
+        b"\r\n",
+        b"HTTP/1.1\r\n\r\n",
         b"FOO 200 OK\r\n\r\n",
         b"HTTP/1.1 2x0 OK\r\n\r\n",
         b"HTTP/2.0 200 OK\r\nContent-Length: 0\r\n\r\n",
