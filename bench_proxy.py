@@ -6,7 +6,7 @@ so it measures the proxy, not itself), starts the proxy as a user would, and rep
 each figure direct-to-fake and through-proxy in the same run. A bare relay (copies bytes,
 nothing else) shows the floor: what any threaded CPython relay achieves on the machine.
 
-  python3 bench_proxy.py            # the benchmark table (about a minute and a half)
+  python3 bench_proxy.py            # the benchmark table (about two minutes)
   python3 bench_proxy.py --load     # the load test: 200 streams, 2,000 short calls
   python3 bench_proxy.py --markdown # the table as Markdown, for the README
 
@@ -288,14 +288,15 @@ class Processes:
         args = [sys.executable, os.path.abspath(__file__), "--serve-fake"]
         if tls:
             args += list(self.cert())
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE)
-        self.procs.append(proc)
-        return int(proc.stdout.readline())
+        return self._spawn(args)[1]
 
     def relay(self, upstream_port):
         """The bare relay in front of the fake: (process, port)."""
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve-relay", str(upstream_port)],
-                                stdout=subprocess.PIPE)
+        return self._spawn([sys.executable, os.path.abspath(__file__), "--serve-relay", str(upstream_port)])
+
+    def _spawn(self, args):
+        """A helper process that prints the port it listens on: (process, port)."""
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE)
         self.procs.append(proc)
         return proc, int(proc.stdout.readline())
 

@@ -1960,16 +1960,16 @@ class UpstreamResponse:
 
     def __init__(self, fp, method):
         self.fp, self._method = fp, method
-        self.status = self.reason = self.headers = self.length = self.chunk_left = None
+        self.status = self.headers = self.length = self.chunk_left = None
         self.version, self.chunked, self.will_close, self.done = 11, False, False, False
 
     def begin(self):
         while True:
-            version, status, reason = self._read_status()
+            version, status = self._read_status()
             if status != http.client.CONTINUE:
                 break
             self._read_fields()  # an interim answer: its fields mean nothing to us
-        self.status, self.reason = status, reason.strip()
+        self.status = status
         if version in ("HTTP/1.0", "HTTP/0.9"):
             self.version = 10
         elif not version.startswith("HTTP/1."):
@@ -1977,10 +1977,15 @@ class UpstreamResponse:
         self.headers = self._read_fields()
         self._frame()
 
-    def _read_status(self):
+    def _readline(self, what):
         line = self.fp.readline(65537)
         if len(line) > 65536:
-            raise http.client.LineTooLong("status line")
+            raise http.client.LineTooLong(what)
+        return line
+
+    def _read_status(self):
+        """(HTTP version, status code) of the status line; its reason phrase means nothing."""
+        line = self._readline("status line")
         if not line:
             # What a kept-alive connection the server has closed meanwhile answers.
             raise http.client.RemoteDisconnected("Remote end closed connection without response")
@@ -1988,7 +1993,7 @@ class UpstreamResponse:
         status = int_or_none(words[1]) if len(words) > 1 else None
         if not words or not words[0].startswith("HTTP/") or status is None or not 100 <= status <= 999:
             raise http.client.BadStatusLine(line.decode("iso-8859-1"))
-        return words[0], status, words[2] if len(words) > 2 else ""
+        return words[0], status
 
     def _read_fields(self):
         try:
@@ -2069,21 +2074,15 @@ class UpstreamResponse:
         return data
 
     def _chunk_size(self):
-        line = self.fp.readline(65537)
-        if len(line) > 65536:
-            raise http.client.LineTooLong("chunk size")
+        line = self._readline("chunk size")
         try:
             return int(line.split(b";", 1)[0], 16)
         except ValueError:
             raise http.client.IncompleteRead(b"") from None  # as http.client: cut, or garbled
 
     def _skip_trailer(self):
-        while True:
-            line = self.fp.readline(65537)
-            if len(line) > 65536:
-                raise http.client.LineTooLong("trailer line")
-            if line in (b"\r\n", b"\n", b""):
-                return
+        while self._readline("trailer line") not in (b"\r\n", b"\n", b""):
+            pass
 
 
 _UNSAFE_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
