@@ -25,6 +25,7 @@ import calendar
 import collections
 import copy
 import email.utils
+import hashlib
 import hmac
 import html
 import http.client
@@ -44,66 +45,204 @@ import signal
 import socket
 import ssl
 import stat
-import struct
+import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
+import urllib.request
 
 __version__ = "1.0.0"
 
-# === Constants and model catalog ===
+# === Catalog ===
 
 NAME = "gitlab-duo-proxy"
 USER_AGENT = "%s/%s (python/%d.%d)" % ((NAME, __version__) + tuple(sys.version_info[:2]))
 log = logging.getLogger("gitlab_duo_proxy")
-
-DIRECT_ACCESS_PATH = "/api/v4/ai/third_party_agents/direct_access"
-# GitLab ignores the body; its own client sends this, so we do too.
-DIRECT_ACCESS_BODY = b'{"feature_flags": {"DuoAgentPlatformNext": true}}'
-ANTHROPIC_PROXY = "/v1/proxy/anthropic"
-OPENAI_PROXY = "/v1/proxy/openai"
-DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
-TOKEN_MARGIN = 300          # refresh gateway tokens this many seconds before they expire
-TOKEN_FALLBACK_TTL = 1500   # GitLab's tokens live ~1 h; without expires_at trust 25 min
 MIB = 1024 * 1024
 
 Model = collections.namedtuple("Model", "id display_name created_at provider context_window")
 
+_A, _O = "anthropic", "openai"
 # GitLab's list of models changes monthly: MODELS= in the environment replaces or edits
 # this list without touching code. Dates are release dates (approximate for the newest);
-# they order /v1/models. A family name ("opus") means the highest version in the list.
+# they order /v1/models. A family name ("opus") means the newest of that family.
 MODEL_CATALOG = (
-    Model("claude-fable-5", "Claude Fable 5", "2026-08-01T00:00:00Z", "anthropic", 1000000),
-    Model("claude-opus-5", "Claude Opus 5", "2026-07-15T00:00:00Z", "anthropic", 1000000),
-    Model("claude-sonnet-5", "Claude Sonnet 5", "2026-07-15T00:00:00Z", "anthropic", 1000000),
-    Model("claude-opus-4-8", "Claude Opus 4.8", "2026-06-01T00:00:00Z", "anthropic", 1000000),
-    Model("claude-opus-4-7", "Claude Opus 4.7", "2026-04-01T00:00:00Z", "anthropic", 1000000),
-    Model("claude-sonnet-4-6", "Claude Sonnet 4.6", "2026-02-17T00:00:00Z", "anthropic", 1000000),
-    Model("claude-opus-4-6", "Claude Opus 4.6", "2026-02-05T00:00:00Z", "anthropic", 1000000),
-    Model("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z", "anthropic", 200000),
-    Model("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z", "anthropic", 200000),
-    Model("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z", "anthropic", 200000),
-    Model("gpt-5.2-codex", "GPT-5.2 Codex", "2025-12-18T00:00:00Z", "openai", 400000),
-    Model("gpt-5.1-2025-11-13", "GPT-5.1", "2025-11-13T00:00:00Z", "openai", 400000),
-    Model("gpt-5-codex", "GPT-5 Codex", "2025-09-15T00:00:00Z", "openai", 400000),
-    Model("gpt-5-mini-2025-08-07", "GPT-5 mini", "2025-08-07T00:00:00Z", "openai", 400000),
+    Model("claude-fable-5", "Claude Fable 5", "2026-08-01T00:00:00Z", _A, 1000000),
+    Model("claude-opus-5", "Claude Opus 5", "2026-07-15T00:00:00Z", _A, 1000000),
+    Model("claude-sonnet-5", "Claude Sonnet 5", "2026-07-15T00:00:00Z", _A, 1000000),
+    Model("claude-opus-4-8", "Claude Opus 4.8", "2026-06-01T00:00:00Z", _A, 1000000),
+    Model("claude-opus-4-7", "Claude Opus 4.7", "2026-04-01T00:00:00Z", _A, 1000000),
+    Model("claude-sonnet-4-6", "Claude Sonnet 4.6", "2026-02-17T00:00:00Z", _A, 1000000),
+    Model("claude-opus-4-6", "Claude Opus 4.6", "2026-02-05T00:00:00Z", _A, 1000000),
+    Model("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z", _A, 200000),
+    Model("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z", _A, 200000),
+    Model("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z", _A, 200000),
+    Model("gpt-5.2-codex", "GPT-5.2 Codex", "2025-12-18T00:00:00Z", _O, 400000),
+    Model("gpt-5.1-2025-11-13", "GPT-5.1", "2025-11-13T00:00:00Z", _O, 400000),
+    Model("gpt-5-codex", "GPT-5 Codex", "2025-09-15T00:00:00Z", _O, 400000),
+    Model("gpt-5-mini-2025-08-07", "GPT-5 mini", "2025-08-07T00:00:00Z", _O, 400000),
 )
 # On every 2026 list GitLab published; claude-sonnet-4-5-20250929 retires 2026-11-30.
 DEFAULT_MODEL = "claude-sonnet-4-6"
 # Announced retirements (Anthropic's deprecation table), shown in /v1/models.
 RETIREMENTS = {"claude-sonnet-4-5-20250929": "2026-11-30T00:00:00Z"}
 
-SECRET_HEADERS = frozenset((
-    "authorization", "x-api-key", "proxy-authorization", "cookie", "set-cookie",
-    "private-token", "x-gitlab-oidc-token", "job-token",
-))
-# Upstream response headers a client may see; everything else (cookies, server
-# software, hop-by-hop framing) stays behind the proxy.
-RESPONSE_HEADER_ALLOW = ("content-type", "content-encoding", "anthropic-", "openai-",
-                         "retry-after", "x-should-retry", "x-ratelimit-")
-# Worth another try before anything reached the client (other 4xx never are).
-RETRY_STATUSES = frozenset((408, 429, 502, 503, 504, 529))
+_CLAUDE = re.compile(r"^claude-([a-z]+)-(\d+)(?:-(\d{1,2}))?(?:-(\d{8}))?$")
+_DATE_SUFFIX = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")
+_SHORT_FAMILY = re.compile(r"^(?:claude-)?([a-z]+)$")
+
+
+def model_kind(model_id):
+    """(family, (major, minor, date)) of a Claude model id, e.g. ("opus", (4, 6, ""));
+    None for other names."""
+    match = _CLAUDE.match(model_id)
+    if not match:
+        return None
+    return match.group(1), (int(match.group(2)), int(match.group(3) or 0), match.group(4) or "")
+
+
+def guess_provider(model_id):
+    return _O if re.match(r"^(gpt-|o\d|codex)", model_id) else _A
+
+
+def display_name_for(model_id):
+    words = _DATE_SUFFIX.sub("", model_id).split("-")
+    if words[0] == "claude":
+        family = [w.capitalize() for w in words[1:] if not w.isdigit()]
+        version = ".".join(w for w in words[1:] if w.isdigit())
+        return " ".join(["Claude"] + family + ([version] if version else []))
+    return "-".join(w.upper() if w == "gpt" else w for w in words)
+
+
+def created_for(model_id):
+    match = re.search(r"(\d{4})-?(\d{2})-?(\d{2})$", model_id)
+    return "%s-%s-%sT00:00:00Z" % match.groups() if match else "2026-01-01T00:00:00Z"
+
+
+def build_catalog(spec, builtin=MODEL_CATALOG):
+    """The model list after MODELS= (plain ids replace the list; +id adds, -id removes)."""
+    entries = [item.strip() for item in spec.split(",") if item.strip()]
+    known = {m.id: m for m in builtin}
+    models = [] if any(e[0] not in "+-" for e in entries) else list(builtin)
+    for entry in entries:
+        model_id = entry.lstrip("+-").strip()
+        if entry.startswith("-"):
+            models = [m for m in models if m.id != model_id]
+        elif all(m.id != model_id for m in models):
+            models.append(known.get(model_id) or Model(
+                model_id, display_name_for(model_id), created_for(model_id),
+                guess_provider(model_id), 200000))
+    models.sort(key=lambda m: (m.created_at, m.id), reverse=True)
+    return tuple(models)
+
+
+class Catalog:
+    """The models this proxy knows, and what a client's model name means."""
+
+    def __init__(self, models, default_model):
+        self.models = tuple(models)
+        self.by_id = {m.id: m for m in self.models}
+        self.default_model = self.resolve(default_model) if default_model else ""
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(build_catalog(config.models), config.default_model)
+
+    def ids(self, provider=None):
+        return [m.id for m in self.models if provider in (None, m.provider)]
+
+    def provider(self, model_id):
+        model = self.by_id.get(model_id)
+        return model.provider if model else guess_provider(model_id)
+
+    def resolve(self, name):
+        """The id GitLab wants for a client's model name (unknown names unchanged)."""
+        name = name.strip()
+        if not name or name == "duo-chat":
+            return self.default_model or name
+        if name in self.by_id:
+            return name
+        if name.startswith("duo-chat-"):
+            return self.resolve(duo_chat_name(name[len("duo-chat-"):]))
+        if name.endswith("-latest"):
+            return self.resolve(name[:-len("-latest")])
+        short = _SHORT_FAMILY.match(name)
+        family = short and self.newest(short.group(1))
+        return family or self._dated(name) or self._undated(name) or name
+
+    def _dated(self, name):
+        """claude-sonnet-4-5 -> claude-sonnet-4-5-20250929; gpt-5.1 -> gpt-5.1-2025-11-13."""
+        dated = [m.id for m in self.models
+                 if m.id.startswith(name + "-") and _DATE_SUFFIX.match(m.id[len(name):])]
+        return max(dated) if dated else None
+
+    def _undated(self, name):
+        """A dated name for a model GitLab lists without a date (claude-opus-4-6-20260205)."""
+        base = _DATE_SUFFIX.sub("", name)
+        return base if base != name and base in self.by_id else None
+
+    def newest(self, family):
+        """The newest catalog model of a family ("opus"); None if it has none."""
+        members = [m for m in self.models if (model_kind(m.id) or ("",))[0] == family]
+        if not members:
+            return None
+        return max(members, key=lambda m: (model_kind(m.id)[1], m.created_at)).id
+
+    def page(self, limit=20, after_id=None, before_id=None, provider=None):
+        """One page of /v1/models, newest first, as (models, has_more)."""
+        models = [m for m in self.models if provider in (None, m.provider)]
+        ids = [m.id for m in models]
+        for cursor in (after_id, before_id):
+            if cursor is not None and cursor not in ids:
+                raise BadRequest("unknown model id %r in after_id/before_id; list /v1/models "
+                                 "without it first" % cursor)
+        if after_id is not None:
+            models = models[ids.index(after_id) + 1:]
+            return models[:limit], len(models) > limit
+        if before_id is not None:
+            models = models[:ids.index(before_id)]
+            return models[-limit:], len(models) > limit
+        return models[:limit], len(models) > limit
+
+
+def duo_chat_name(rest):
+    """GitLab's own client names: duo-chat-opus-4-6, duo-chat-gpt-5-1, duo-chat-gpt-5-mini."""
+    if rest.startswith("gpt-"):
+        return re.sub(r"^gpt-(\d+)-(\d+)", r"gpt-\1.\2", rest)
+    return "claude-" + rest
+
+
+def model_entry(model):
+    """A model in Anthropic's schema with OpenAI's fields beside it."""
+    created = calendar.timegm(time.strptime(model.created_at, "%Y-%m-%dT%H:%M:%SZ"))
+    retires_at = RETIREMENTS.get(model.id)
+    return {"type": "model", "id": model.id, "display_name": model.display_name,
+            "created_at": model.created_at, "max_input_tokens": model.context_window,
+            "lifecycle": "deprecated" if retires_at else "active", "retires_at": retires_at,
+            "object": "model", "created": created, "owned_by": model.provider}
+
+
+def models_list_body(models, has_more):
+    return {"data": [model_entry(m) for m in models], "has_more": has_more,
+            "first_id": models[0].id if models else None,
+            "last_id": models[-1].id if models else None, "object": "list"}
+
+
+def parse_page_args(query):
+    """limit/after_id/before_id from a /v1/models query string."""
+    try:
+        limit = int(query.get("limit", "20"))
+    except ValueError:
+        raise BadRequest("limit must be a whole number between 1 and 1000") from None
+    if not 1 <= limit <= 1000:
+        raise BadRequest("limit must be between 1 and 1000")
+    after_id, before_id = query.get("after_id"), query.get("before_id")
+    if after_id is not None and before_id is not None:
+        raise BadRequest("give after_id or before_id, not both")
+    return limit, after_id, before_id
+
 
 # === Errors ===
 
@@ -114,19 +253,12 @@ ERROR_TYPES = {
 }
 
 
-def error_type_for(status):
-    """Anthropic's error type for an HTTP status."""
-    if status in ERROR_TYPES:
-        return ERROR_TYPES[status]
-    return "invalid_request_error" if status < 500 else "api_error"
-
-
 class ProxyError(Exception):
     """An error the client receives with this status, as Anthropic's error JSON (or
     OpenAI's, on the OpenAI routes)."""
 
     status = 500
-    kind = None  # an upstream error type to keep, instead of the one the status implies
+    kind = None  # an error type to keep, instead of the one the status implies
 
     def __init__(self, message, status=None, headers=None, retry=None):
         super().__init__(message)
@@ -138,7 +270,9 @@ class ProxyError(Exception):
 
     @property
     def error_type(self):
-        return self.kind or error_type_for(self.status)
+        """Anthropic's error type: the one kept from upstream, else the status's."""
+        return self.kind or ERROR_TYPES.get(self.status) or (
+            "invalid_request_error" if self.status < 500 else "api_error")
 
     def body(self, dialect="anthropic"):
         if dialect == "openai":
@@ -198,14 +332,16 @@ class ConfigError(Exception):
 
 
 def anthropic_error_body(error_type, message):
-    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+    return json.dumps({"type": "error", "error": {"type": error_type,
+                                                  "message": message}}).encode()
 
 
-OPENAI_ERROR_TYPES = {"authentication_error": "authentication_error", "permission_error": "permission_error",
-                      "rate_limit_error": "rate_limit_error", "billing_error": "insufficient_quota",
-                      "not_found_error": "invalid_request_error", "request_too_large": "invalid_request_error",
-                      "overloaded_error": "server_error", "api_error": "server_error",
-                      "timeout_error": "server_error", "invalid_request_error": "invalid_request_error"}
+OPENAI_ERROR_TYPES = {
+    "authentication_error": "authentication_error", "permission_error": "permission_error",
+    "rate_limit_error": "rate_limit_error", "billing_error": "insufficient_quota",
+    "not_found_error": "invalid_request_error", "request_too_large": "invalid_request_error",
+    "overloaded_error": "server_error", "api_error": "server_error",
+    "timeout_error": "server_error", "invalid_request_error": "invalid_request_error"}
 
 
 def openai_error_body(status, error_type, message):
@@ -219,8 +355,128 @@ def openai_error_body(status, error_type, message):
         code = "model_not_found" if "model" in message else None
     elif status == 429:
         code = "rate_limit_exceeded"
-    return json.dumps({"error": {"message": message, "type": OPENAI_ERROR_TYPES.get(error_type, error_type),
-                                 "param": None, "code": code}}).encode()
+    return json.dumps({"error": {"message": message, "param": None, "code": code,
+                                 "type": OPENAI_ERROR_TYPES.get(error_type, error_type)}}).encode()
+
+
+def error_message_of(obj):
+    """The human message in one of GitLab's or the gateway's error shapes."""
+    if not isinstance(obj, dict):
+        return None
+    for key in ("message", "detail", "error_description", "error"):
+        value = obj.get(key)
+        if isinstance(value, dict):
+            value = error_message_of(value)
+        if isinstance(value, list):
+            value = "; ".join(str(v.get("msg", v) if isinstance(v, dict) else v) for v in value)
+        if isinstance(value, str) and value:
+            if key == "error" and isinstance(obj.get("message"), str):
+                continue
+            return value
+    return None
+
+
+def is_anthropic_error(obj):
+    return (isinstance(obj, dict) and obj.get("type") == "error"
+            and isinstance(obj.get("error"), dict) and isinstance(obj["error"].get("type"), str))
+
+
+def is_openai_error(obj):
+    return (isinstance(obj, dict) and isinstance(obj.get("error"), dict)
+            and isinstance(obj["error"].get("message"), str))
+
+
+def gateway_error_hint(status, message, obj, model, known_models):
+    """What a user can do about a gateway error that is not Anthropic's own."""
+    lower = (message or "").lower()
+    code = str(obj.get("error_code", "") if isinstance(obj, dict) else "")
+    if "unsupported model" in lower:
+        return ("GitLab does not serve model %r. Models this proxy knows: %s. If GitLab's list "
+                "changed, set MODELS or pick another model." % (model, ", ".join(known_models)))
+    if "failed to extract model" in lower:
+        return "The request needs a \"model\" string."
+    if code == "USAGE_QUOTA_EXCEEDED" or "insufficient_credits" in lower:
+        return "Your GitLab Duo credits are used up; ask your GitLab administrator for more."
+    if code == "USAGE_QUOTA_NOT_ENTITLED" or "not_entitled" in lower:
+        return ("Your GitLab subscription does not include this; check your Duo "
+                "Pro/Enterprise seat.")
+    if "proxy endpoints are not enabled" in lower:
+        return ("An administrator of your top-level group must allow third-party agents "
+                "(Duo proxy endpoints) for this namespace.")
+    if "missing x-gitlab" in lower or "mismatch" in lower:
+        return "GitLab's headers were not accepted; this is a proxy bug, please report it."
+    return GATEWAY_STATUS_HINTS.get(status, "")
+
+
+GATEWAY_STATUS_HINTS = {
+    401: "The AI gateway rejected the token even after a fresh exchange. Check that your GitLab "
+         "token is valid with scope api and that your Duo seat is active.",
+    402: "GitLab refused to bill this request; check your Duo subscription and credits.",
+    403: "GitLab does not allow this for your account; check your Duo seat and namespace "
+         "settings.",
+    404: "The gateway has no such route: check GITLAB_AI_GATEWAY_URL and GITLAB_AI_GATEWAY_PREFIX "
+         "(a self-hosted gateway usually needs an empty prefix).",
+    429: "Too many requests; wait a moment and retry.",
+    502: "The gateway could not reach the model provider; retry shortly.",
+    503: "The gateway is unavailable; retry shortly.",
+    504: "The gateway timed out; retry, or use streaming for long answers.",
+}
+
+
+def translate_gateway_error(status, raw, model, known_models, upstream=_A, dialect=_A):
+    """The error a client gets for a failed gateway answer. An error already in the
+    client's dialect passes through as it is (PassThrough); an Anthropic error reaching an
+    OpenAI client keeps its message and type; GitLab's own shapes get a hint."""
+    obj = parse_json_or_none(raw)
+    native = is_anthropic_error(obj) if upstream == _A else is_openai_error(obj)
+    if native and dialect == upstream:
+        return PassThrough(status, raw)
+    if native and upstream == _A:
+        error = ProxyError(obj["error"].get("message") or "error", status)
+        error.kind = obj["error"]["type"]
+        return error
+    if native:
+        return ProxyError(obj["error"]["message"], status)
+    message = (error_message_of(obj) or short_text(raw)
+               or http.client.responses.get(status, "error"))
+    hint = gateway_error_hint(status, message, obj, model, known_models)
+    text = "GitLab AI gateway answered %d: %s" % (status, message.rstrip("."))
+    return ProxyError(text + (". " + hint if hint else ""), status)
+
+
+def short_text(raw, limit=300):
+    text = raw.decode("utf-8", "replace").strip()
+    if "<html" in text[:200].lower():
+        return ""
+    return " ".join(text.split())[:limit]
+
+
+TOKEN_ERROR_HINTS = {
+    401: "GitLab rejected the GitLab token (%s): it is invalid, expired or revoked. Create a "
+         "personal access token with scope api (or refresh your OAuth token) and set "
+         "GITLAB_TOKEN.",
+    403: "GitLab refused a Duo token (%s): Duo is not enabled for this user or instance, or an "
+         "administrator disabled third-party agents / direct connections. Ask your GitLab admin "
+         "to assign a Duo Pro/Enterprise seat and allow third-party agents.",
+    429: "GitLab rate-limited the token exchange (%s); retry shortly.",
+    503: "GitLab could not mint a Duo token (%s): check your Duo seat, credits and default Duo "
+         "namespace, then retry.",
+}
+
+
+def translate_token_error(status, raw, retry_after=None):
+    """A failed direct_access exchange as an actionable Anthropic error."""
+    obj = parse_json_or_none(raw)
+    message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "")
+    if isinstance(obj, dict) and obj.get("error") == "insufficient_scope":
+        return ProxyError("The GitLab token lacks the needed scope (%s). Create a token with "
+                          "scope api." % message, 403, retry=False)
+    template = TOKEN_ERROR_HINTS.get(status)
+    if template is None:
+        return ProxyError("GitLab's token exchange failed with %d (%s); check GITLAB_INSTANCE_URL."
+                          % (status, message), 502)
+    headers = {"retry-after": str(int(retry_after + 0.999))} if retry_after is not None else None
+    return ProxyError(template % message, status, headers, retry=status in (429, 503))
 
 
 # === Config ===
@@ -238,8 +494,8 @@ OPTIONS = (
            "rejects the token), e.g. 'pass show gitlab'"),
     Option("instance_url", "GITLAB_INSTANCE_URL", "--instance-url", "https://gitlab.com", "url",
            "GitLab instance that exchanges the token"),
-    Option("gateway_url", "GITLAB_AI_GATEWAY_URL", "--gateway-url", "https://cloud.gitlab.com", "url",
-           "GitLab AI gateway"),
+    Option("gateway_url", "GITLAB_AI_GATEWAY_URL", "--gateway-url", "https://cloud.gitlab.com",
+           "url", "GitLab AI gateway"),
     Option("gateway_prefix", "GITLAB_AI_GATEWAY_PREFIX", "--gateway-prefix", "/ai", "prefix",
            "path under which the gateway serves /v1/proxy/...; empty for a self-hosted "
            "gateway such as a local GDK's (http://localhost:5052)"),
@@ -253,12 +509,13 @@ OPTIONS = (
     Option("api_key", "PROXY_API_KEY", "--api-key", "", "secret",
            "key clients must send (x-api-key or Authorization: Bearer); required to listen "
            "beyond loopback"),
-    Option("allow_unauthenticated", "ALLOW_UNAUTHENTICATED", "--allow-unauthenticated", False, "bool",
-           "listen on a non-loopback address without PROXY_API_KEY (anyone who reaches the "
-           "port spends your Duo seat)"),
+    Option("allow_unauthenticated", "ALLOW_UNAUTHENTICATED", "--allow-unauthenticated", False,
+           "bool", "listen on a non-loopback address without PROXY_API_KEY (anyone who reaches "
+           "the port spends your Duo seat)"),
     Option("per_user", "PER_USER", "--per-user", False, "bool",
            "team mode: each client sends its own GitLab token as its API key"),
-    Option("tls_cert", "TLS_CERT", "--tls-cert", "", "str", "serve HTTPS with this certificate (PEM)"),
+    Option("tls_cert", "TLS_CERT", "--tls-cert", "", "str",
+           "serve HTTPS with this certificate (PEM)"),
     Option("tls_key", "TLS_KEY", "--tls-key", "", "str", "private key for --tls-cert (PEM)"),
     Option("ca_bundle", "GITLAB_CA_BUNDLE", "--ca-bundle", "", "str",
            "CA certificates (PEM) to trust for GitLab and the gateway, for internal CAs "
@@ -287,17 +544,14 @@ OPTIONS = (
            "total time retries may add to one request"),
     Option("shutdown_grace", "SHUTDOWN_GRACE", "--shutdown-grace", 30.0, "float",
            "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
-    Option("no_busy_pinning", "NO_BUSY_PINNING", "--no-busy-pinning", False, "bool",
-           "Linux: do not move the threads answering requests onto one core when 4 or more "
-           "are in flight (that move saves a third of the CPU per request under load)"),
     Option("cors_origins", "CORS_ORIGINS", "--cors-origins", "", "str",
            "comma-separated origins allowed to call from a browser (none by default)"),
-    Option("log_format", "LOG_FORMAT", "--log-format", "text", "logformat", "log lines as text or json"),
+    Option("log_format", "LOG_FORMAT", "--log-format", "text", "logformat",
+           "log lines as text or json"),
     Option("log_file", "LOG_FILE", "--log-file", "", "str",
            "append log lines to this file instead of stderr (for pythonw and services)"),
     Option("debug", "DEBUG", "--debug", False, "bool", "log headers too (secrets redacted)"),
 )
-
 
 # Settings that come from elsewhere than OPTIONS: the usual proxy variables, and notes
 # on where things came from.
@@ -306,8 +560,9 @@ EXTRA_FIELDS = (("https_proxy", ""), ("http_proxy", ""), ("no_proxy", ""), ("tok
 SECRET_FIELDS = frozenset(("gitlab_token", "api_key", "https_proxy", "http_proxy"))
 
 
-class Config(collections.namedtuple("Config", [o.dest for o in OPTIONS] + [f for f, _ in EXTRA_FIELDS],
-                                    defaults=[o.default for o in OPTIONS] + [d for _, d in EXTRA_FIELDS])):
+class Config(collections.namedtuple(
+        "Config", [o.dest for o in OPTIONS] + [f for f, _ in EXTRA_FIELDS],
+        defaults=[o.default for o in OPTIONS] + [d for _, d in EXTRA_FIELDS])):
     """Every setting, read once at start-up (immutable); nothing else reads the environment."""
 
     __slots__ = ()
@@ -366,13 +621,9 @@ def read_env_files(paths):
 
 
 def default_env_files(cwd=None):
-    here = os.path.dirname(os.path.abspath(__file__))
-    paths = [os.path.join(here, ".env"), os.path.join(cwd or os.getcwd(), ".env")]
-    unique = []
-    for path in paths:
-        if os.path.abspath(path) not in map(os.path.abspath, unique):
-            unique.append(path)
-    return unique
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")
+    there = os.path.join(cwd or os.getcwd(), ".env")
+    return [here] if os.path.abspath(here) == os.path.abspath(there) else [here, there]
 
 
 def parse_bool(text):
@@ -444,13 +695,12 @@ def build_arg_parser():
             shown = "on" if opt.default else "off"
         else:
             shown = repr(opt.default) if opt.default != "" else "unset"
-        text = "%s (default: %s; env %s)" % (opt.help, shown, opt.env)
+        text = ("%s (default: %s; env %s)" % (opt.help, shown, opt.env)).replace("%", "%%")
         if opt.kind == "bool":
             parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1",
-                                default=None, help=text.replace("%", "%%"))
+                                default=None, help=text)
         else:
-            parser.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.env,
-                                help=text.replace("%", "%%"))
+            parser.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.env, help=text)
     add_action_arguments(parser)
     return parser
 
@@ -484,8 +734,7 @@ def proxy_settings(environ, dotenv):
             if key in environ:
                 return environ[key]
         return dotenv.get(name.upper(), dotenv.get(name.lower(), ""))
-    values = {"https_proxy": pick("https_proxy"), "http_proxy": pick("http_proxy"),
-              "no_proxy": pick("no_proxy")}
+    values = {key: pick(key) for key in ("https_proxy", "http_proxy", "no_proxy")}
     for key in ("https_proxy", "http_proxy"):
         if values[key] and not urllib.parse.urlsplit(values[key]).hostname:
             raise ConfigError("%s is not a proxy URL (expected http://host:port)" % key.upper())
@@ -518,7 +767,8 @@ def load_config(argv=None, environ=None, cwd=None):
 def describe_token_source(values, sources, origin):
     if values["gitlab_token"]:
         source = sources.get("gitlab_token")
-        return "GITLAB_TOKEN in %s" % (origin["GITLAB_TOKEN"] if source == ".env" else "the environment")
+        return "GITLAB_TOKEN in %s" % (origin["GITLAB_TOKEN"] if source == ".env"
+                                       else "the environment")
     if values["gitlab_token_file"]:
         return "GITLAB_TOKEN_FILE %s" % values["gitlab_token_file"]
     if values["gitlab_token_command"]:
@@ -554,7 +804,7 @@ def validate_config(config, args):
     if needs_token and not config.token_source:
         raise ConfigError("no GitLab token: set GITLAB_TOKEN (in the environment or .env), "
                           "GITLAB_TOKEN_FILE or GITLAB_TOKEN_COMMAND, or use --per-user")
-    if config.per_user and config.token_source and not getattr(args, "check", False):
+    if config.per_user and config.token_source and not args.check:
         raise ConfigError("--per-user takes each client's own GitLab token; unset %s"
                           % config.token_source.split(" ")[0])
     if config.per_user and config.api_key:
@@ -569,381 +819,85 @@ def validate_config(config, args):
                           "--allow-unauthenticated if the network is trusted" % config.host)
 
 
-# === Pure helpers: models ===
+# === HTTP helpers ===
 
-_VERSIONED = re.compile(r"^claude-([a-z]+)-(\d+)(?:-(\d{1,2}))?(?:-(\d{8}))?$")
-_DATE_SUFFIX = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")
-_SHORT_FAMILY = re.compile(r"^(?:claude-)?([a-z]+)$")
-
-
-def model_version_key(model_id):
-    """(major, minor, date) of a claude id, for "newest of a family"; None otherwise."""
-    match = _VERSIONED.match(model_id)
-    if not match:
-        return None
-    return (int(match.group(2)), int(match.group(3) or 0), match.group(4) or "")
-
-
-def model_family(model_id):
-    match = _VERSIONED.match(model_id)
-    return match.group(1) if match else None
-
-
-def guess_provider(model_id):
-    return "openai" if re.match(r"^(gpt-|o\d|codex)", model_id) else "anthropic"
+DIRECT_ACCESS_PATH = "/api/v4/ai/third_party_agents/direct_access"
+# GitLab ignores the body; its own client sends this, so we do too.
+DIRECT_ACCESS_BODY = b'{"feature_flags": {"DuoAgentPlatformNext": true}}'
+PROXY_PATHS = {_A: "/v1/proxy/anthropic", _O: "/v1/proxy/openai"}
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+SECRET_HEADERS = frozenset((
+    "authorization", "x-api-key", "proxy-authorization", "cookie", "set-cookie",
+    "private-token", "x-gitlab-oidc-token", "job-token",
+))
+# Upstream response headers a client may see; everything else (cookies, server
+# software, hop-by-hop framing) stays behind the proxy.
+RESPONSE_HEADER_ALLOW = ("content-type", "content-encoding", "anthropic-", "openai-",
+                         "retry-after", "x-should-retry", "x-ratelimit-")
+# Worth another try before anything reached the client (other 4xx never are).
+RETRY_STATUSES = frozenset((408, 429, 502, 503, 504, 529))
+TOO_DEEP = ("request body is nested too deeply (over about 900 levels of arrays and objects); "
+            "flatten it")
 
 
-def display_name_for(model_id):
-    words = _DATE_SUFFIX.sub("", model_id).split("-")
-    if words[0] == "claude":
-        family = [w.capitalize() for w in words[1:] if not w.isdigit()]
-        version = ".".join(w for w in words[1:] if w.isdigit())
-        return " ".join(["Claude"] + family + ([version] if version else []))
-    return "-".join(w.upper() if w == "gpt" else w for w in words)
-
-
-def created_for(model_id):
-    match = re.search(r"(\d{4})-?(\d{2})-?(\d{2})$", model_id)
-    return "%s-%s-%sT00:00:00Z" % match.groups() if match else "2026-01-01T00:00:00Z"
-
-
-def build_catalog(spec, builtin=MODEL_CATALOG):
-    """The model list after MODELS= (plain ids replace the list; +id adds, -id removes)."""
-    entries = [item.strip() for item in spec.split(",") if item.strip()]
-    known = {m.id: m for m in builtin}
-    replace = [e for e in entries if e[0] not in "+-"]
-    models = [] if replace else list(builtin)
-    for entry in entries:
-        model_id = entry.lstrip("+-").strip()
-        if entry.startswith("-"):
-            models = [m for m in models if m.id != model_id]
-        elif all(m.id != model_id for m in models):
-            models.append(known.get(model_id) or Model(
-                model_id, display_name_for(model_id), created_for(model_id),
-                guess_provider(model_id), 200000))
-    models.sort(key=lambda m: (m.created_at, m.id), reverse=True)
-    return tuple(models)
-
-
-class Catalog:
-    """The models this proxy knows, and what a client's model name means."""
-
-    def __init__(self, models, default_model):
-        self.models = tuple(models)
-        self.by_id = {m.id: m for m in self.models}
-        self._resolved = {}
-        self.default_model = self.resolve(default_model) if default_model else ""
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(build_catalog(config.models), config.default_model)
-
-    def ids(self, provider=None):
-        return [m.id for m in self.models if provider in (None, m.provider)]
-
-    def provider(self, model_id):
-        model = self.by_id.get(model_id)
-        return model.provider if model else guess_provider(model_id)
-
-    def resolve(self, name):
-        """The dated id GitLab wants for a client's model name (unknown names unchanged)."""
-        resolved = self._resolved.get(name)
-        if resolved is None:
-            if len(self._resolved) > 1000:
-                self._resolved.clear()  # clients inventing names cannot grow it without bound
-            resolved = self._resolved[name] = self._resolve(name)
-        return resolved
-
-    def _resolve(self, name):
-        name = name.strip()
-        if not name or name == "duo-chat":
-            return self.default_model or name
-        if name in self.by_id:
-            return name
-        if name.startswith("duo-chat-"):
-            return self.resolve(duo_chat_name(name[len("duo-chat-"):]))
-        if name.endswith("-latest"):
-            return self.resolve(name[:-len("-latest")])
-        return self._newest_family(name) or self._dated(name) or self._undated(name) or name
-
-    def _newest_family(self, name):
-        match = _SHORT_FAMILY.match(name)
-        if not match:
-            return None
-        family = [m.id for m in self.models if model_family(m.id) == match.group(1)]
-        return max(family, key=model_version_key) if family else None
-
-    def _dated(self, name):
-        """claude-sonnet-4-5 -> claude-sonnet-4-5-20250929; gpt-5.1 -> gpt-5.1-2025-11-13."""
-        dated = [m.id for m in self.models
-                 if m.id.startswith(name + "-") and _DATE_SUFFIX.match(m.id[len(name):])]
-        return max(dated) if dated else None
-
-    def _undated(self, name):
-        """A dated name for a model GitLab lists without a date (claude-opus-4-6-20260205)."""
-        base = _DATE_SUFFIX.sub("", name)
-        return base if base != name and base in self.by_id else None
-
-    def page(self, limit=20, after_id=None, before_id=None, provider=None):
-        """One page of /v1/models, newest first, as (models, has_more)."""
-        models = [m for m in self.models if provider in (None, m.provider)]
-        ids = [m.id for m in models]
-        for cursor in (after_id, before_id):
-            if cursor is not None and cursor not in ids:
-                raise BadRequest("unknown model id %r in after_id/before_id; list /v1/models "
-                                 "without it first" % cursor)
-        if after_id is not None:
-            models = models[ids.index(after_id) + 1:]
-            return models[:limit], len(models) > limit
-        if before_id is not None:
-            models = models[:ids.index(before_id)]
-            return models[-limit:], len(models) > limit
-        return models[:limit], len(models) > limit
-
-
-def duo_chat_name(rest):
-    """GitLab's own client names: duo-chat-opus-4-6, duo-chat-gpt-5-1, duo-chat-gpt-5-2-codex."""
-    if rest.startswith("gpt-"):
-        return re.sub(r"^gpt-(\d+)-(\d+)", r"gpt-\1.\2", rest)
-    return "claude-" + rest
-
-
-def model_entry(model):
-    """A model in Anthropic's schema with OpenAI's fields beside it."""
-    created = calendar.timegm(time.strptime(model.created_at, "%Y-%m-%dT%H:%M:%SZ"))
-    retires_at = RETIREMENTS.get(model.id)
-    return {"type": "model", "id": model.id, "display_name": model.display_name,
-            "created_at": model.created_at, "max_input_tokens": model.context_window,
-            "lifecycle": "deprecated" if retires_at else "active", "retires_at": retires_at,
-            "object": "model", "created": created, "owned_by": model.provider}
-
-
-def models_list_body(models, has_more):
-    return {"data": [model_entry(m) for m in models], "has_more": has_more,
-            "first_id": models[0].id if models else None,
-            "last_id": models[-1].id if models else None, "object": "list"}
-
-
-def parse_page_args(query):
-    """limit/after_id/before_id from a /v1/models query string."""
+def parse_json(data):
+    """json.loads, with JSON nested too deeply for Python's recursion limit turned into
+    the ValueError every other malformed JSON raises."""
     try:
-        limit = int(query.get("limit", "20"))
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def parse_json_or_none(data):
+    try:
+        return parse_json(data)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+
+
+def parse_body(raw):
+    """A request body as a dict, or BadRequest saying precisely what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest("request body is not valid UTF-8 (byte %d); send JSON encoded as "
+                         "UTF-8" % exc.start) from None
+    if not text.strip():
+        raise BadRequest("request body is empty; send a JSON object ({...})")
+    try:
+        body = parse_json(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest("request body is not valid JSON: %s%s at line %d column %d (char %d)" % (
+            exc.msg[:1].lower(), exc.msg[1:], exc.lineno, exc.colno, exc.pos)) from None
     except ValueError:
-        raise BadRequest("limit must be a whole number between 1 and 1000") from None
-    if not 1 <= limit <= 1000:
-        raise BadRequest("limit must be between 1 and 1000")
-    after_id, before_id = query.get("after_id"), query.get("before_id")
-    if after_id is not None and before_id is not None:
-        raise BadRequest("give after_id or before_id, not both")
-    return limit, after_id, before_id
+        raise BadRequest(TOO_DEEP) from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object ({...}), not %s" % json_kind(body))
+    return body
 
 
-# === Pure helpers: requests ===
-
-_JSON_DECODER = json.JSONDecoder()
-_WHITESPACE = re.compile(r"[ \t\n\r]*")
-
-
-class JsonBody:
-    """A request body parsed once. Where each top-level value sits in the text is found
-    only when a value must change (edited), so the model name can change without
-    re-serialising anything else; most bodies are sent on as they came."""
-
-    __slots__ = ("raw", "text", "members", "spans", "key_spans", "brace")
-
-    def __init__(self, raw):
-        self.raw = raw
-        try:
-            self.text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise BadRequest("request body is not valid UTF-8 (byte %d); send JSON encoded as "
-                             "UTF-8" % exc.start) from None
-        self.spans = None
-        try:
-            members = json.loads(self.text)
-        except ValueError:
-            members = None  # _locate says precisely what is wrong
-        if isinstance(members, dict):
-            self.members = members
-        else:
-            self._locate()  # not an object, or not JSON: raises BadRequest saying which
-
-    def _locate(self):
-        """Fill spans and key_spans (members too), or raise BadRequest saying what is wrong."""
-        self.members, self.spans, self.key_spans = {}, {}, {}
-        try:
-            self._scan()
-        except ValueError as exc:
-            raise BadRequest("request body is not valid JSON: %s" % exc) from None
-
-    def _scan(self):
-        text, ws = self.text, _WHITESPACE
-        i = ws.match(text, 0).end()
-        if text[i:i + 1] != "{":
-            raise BadRequest("request body must be a JSON object ({...}), not %s"
-                             % (json_kind(text[i:i + 1]) or "empty"))
-        self.brace = i
-        i = ws.match(text, i + 1).end()
-        if text[i:i + 1] == "}":
-            return self._finish(i + 1)
-        while True:
-            if text[i:i + 1] != '"':
-                raise ValueError("expected a property name at char %d" % i)
-            key_start = i
-            key, i = json.decoder.scanstring(text, i + 1)
-            self.key_spans[key] = (key_start, i)
-            i = ws.match(text, i).end()
-            if text[i:i + 1] != ":":
-                raise ValueError("expected ':' at char %d" % i)
-            start = ws.match(text, i + 1).end()
-            value, end = _JSON_DECODER.raw_decode(text, start)
-            self.members[key], self.spans[key] = value, (start, end)
-            i = ws.match(text, end).end()
-            if text[i:i + 1] == "}":
-                return self._finish(i + 1)
-            if text[i:i + 1] != ",":
-                raise ValueError("expected ',' or '}' at char %d" % i)
-            i = ws.match(text, i + 1).end()
-
-    def _finish(self, i):
-        if _WHITESPACE.match(self.text, i).end() != len(self.text):
-            raise ValueError("extra data after the object at char %d" % i)
-
-    def get(self, key, default=None):
-        return self.members.get(key, default)
-
-    def edited(self, values=(), renames=()):
-        """The body as bytes with top-level values replaced (or added first) and keys
-        renamed; every other byte stays as the client sent it."""
-        values, renames = dict(values), dict(renames)
-        if self.spans is None:
-            self._locate()
-        splices = [self.spans[k] + (json.dumps(v),) for k, v in values.items() if k in self.spans]
-        splices += [self.key_spans[k] + (json.dumps(new),) for k, new in renames.items() if k in self.key_spans]
-        added = ["%s:%s" % (json.dumps(k), json.dumps(v)) for k, v in values.items() if k not in self.spans]
-        if added:
-            at = self.brace + 1
-            splices.append((at, at, ",".join(added) + ("," if self.members else "")))
-        text = self.text
-        for start, end, new in sorted(splices, reverse=True):
-            text = text[:start] + new + text[end:]
-        return text.encode("utf-8")
+def json_kind(value):
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    return {list: "an array", str: "a string"}.get(type(value), "a number")
 
 
-class Headers:
-    """A request's header fields as received, looked up without regard to case."""
-
-    __slots__ = ("_items", "_first")
-
-    def __init__(self, items):
-        self._items = items
-        self._first = {name.lower(): value for name, value in reversed(items)}
-
-    def get(self, name, default=None):
-        return self._first.get(name.lower(), default)
-
-    def get_all(self, name, failobj=None):
-        key = name.lower()
-        if key not in self._first:
-            return failobj
-        return [value for field, value in self._items if field.lower() == key]
-
-    def items(self):
-        return list(self._items)
-
-    def keys(self):
-        return [name for name, _ in self._items]
-
-    def __contains__(self, name):
-        return name.lower() in self._first
-
-    def __getitem__(self, name):
-        return self.get(name)
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __len__(self):
-        return len(self._items)
+def dump_json(obj):
+    """obj as compact JSON bytes; nesting Python cannot write out is the client's 400."""
+    try:
+        return json.dumps(obj, separators=(",", ":")).encode()
+    except RecursionError:
+        raise BadRequest(TOO_DEEP) from None
 
 
-class HeaderError(Exception):
-    def __init__(self, status, message):
-        super().__init__(message)
-        self.status = status
-
-
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_PLAIN_HEAD = re.compile(r"(?:[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n]*\r\n)*\r\n")
-_PLAIN_FIELD = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+):([^\r\n]*)\r\n")
-
-
-def read_headers(rfile, max_line=65536, max_fields=100, strict=True):
-    """Header lines up to the blank line, as Headers (the email package is far slower).
-    Not strict: a malformed line is skipped, as http.client would."""
-    block = buffered_plain_head(rfile, max_line)
-    if block is not None:
-        items = [(name, value.strip()) for name, value in _PLAIN_FIELD.findall(block)]
-        if len(items) > max_fields:
-            raise HeaderError(431, "more than %d header fields" % max_fields)
-        return Headers(items)
-    items = []
-    while True:
-        line = rfile.readline(max_line + 1)
-        if len(line) > max_line:
-            raise HeaderError(431, "a header line is longer than 64 KiB")
-        if line in (b"\r\n", b"\n", b""):
-            return Headers(items)
-        text = line.decode("latin-1").rstrip("\r\n")
-        if text[:1] in (" ", "\t") and items:  # obsolete line folding: part of the previous value
-            name, value = items[-1]
-            items[-1] = (name, value + " " + text.strip())
-            continue
-        name, sep, value = text.partition(":")
-        if not sep or not _TOKEN.match(name):
-            if not strict:
-                continue
-            raise HeaderError(400, "malformed header line %r" % safe_for_log(text, 60))
-        items.append((name, value.strip()))
-        if len(items) > max_fields:
-            raise HeaderError(431, "more than %d header fields" % max_fields)
-
-
-def buffered_plain_head(rfile, max_line):
-    """The header block as text when the reader holds all of it already and every line is
-    a plain `name: value` with CRLF (one regex instead of a loop per line); else None,
-    with nothing consumed, and read_headers takes the line-by-line path."""
-    peek = getattr(rfile, "peek", None)
-    if peek is None:
-        return None
-    data = peek(max_line)
-    if data[:2] == b"\r\n":
-        end = 2
-    else:
-        end = data.find(b"\r\n\r\n", 0, max_line) + 4
-        if end < 4:
-            return None
-    text = data[:end].decode("latin-1")
-    if not _PLAIN_HEAD.fullmatch(text):
-        return None
-    rfile.read(end)
-    return text
-
-
-_HTTP_VERSION = re.compile(r"HTTP/(\d{1,10})\.(\d{1,10})")
-
-
-def http_version(text):
-    """(major, minor) of an HTTP-version such as HTTP/1.1; None if malformed."""
-    if text == "HTTP/1.1":
-        return (1, 1)
-    match = _HTTP_VERSION.fullmatch(text)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def json_kind(first_char):
-    return {"[": "an array", '"': "a string", "t": "true", "f": "false", "n": "null"}.get(
-        first_char, "a number" if first_char[:1] in "-0123456789" and first_char else "")
+def body_with(members, changes, renames=None):
+    """A request body re-serialised with some values changed and keys renamed (the same
+    JSON, other spacing). Bodies that need no change go upstream as they came."""
+    renames = renames or {}
+    body = {renames.get(key, key): value for key, value in members.items()}
+    body.update(changes)
+    return dump_json(body)
 
 
 def split_target(target):
@@ -957,10 +911,6 @@ def split_target(target):
         path = path.rstrip("/")
     params = dict(urllib.parse.parse_qsl(query, keep_blank_values=True)) if query else {}
     return path, params
-
-
-def header_values(headers, name):
-    return headers.get_all(name) or []
 
 
 def join_beta(values):
@@ -979,30 +929,24 @@ def token_headers(token, exchange_headers):
     return headers
 
 
-def request_headers(client_headers, body_length, api="anthropic"):
+def request_headers(client_headers, api=_A):
     """The headers that change from call to call; never the client's credentials."""
-    headers = {"Content-Length": str(body_length)}
+    headers = {}
     accept = client_headers.get("accept")
     if accept:
         headers["Accept"] = clean_header_value(accept)
-    if api == "anthropic":
+    if api == _A:
         headers["anthropic-version"] = clean_header_value(
             client_headers.get("anthropic-version") or DEFAULT_ANTHROPIC_VERSION)
-        beta = join_beta(header_values(client_headers, "anthropic-beta"))
+        beta = join_beta(client_headers.get_all("anthropic-beta") or [])
         if beta:
             headers["anthropic-beta"] = clean_header_value(beta)
     return headers
 
 
-_BREAKS_HEADER = re.compile(r"[\r\n\x00]")
-
-
 def clean_header_value(value):
     """A header value that cannot split a header block (CR/LF/NUL removed, latin-1 only)."""
-    value = str(value)
-    if value.isascii() and "\r" not in value and "\n" not in value and "\x00" not in value:
-        return value  # nearly always: no copies made
-    value = _BREAKS_HEADER.sub(" ", value)
+    value = re.sub(r"[\r\n\x00]+\s*", " ", str(value)).strip()
     return value.encode("latin-1", "replace").decode("latin-1")
 
 
@@ -1012,19 +956,14 @@ def clean_exchange_headers(headers):
         raise ValueError("headers is not an object")
     clean = {}
     for key, value in headers.items():
-        if str(key).lower() in ("x-api-key", "authorization"):
+        key, value = str(key), str(value)
+        if key.lower() in ("x-api-key", "authorization"):
             continue
-        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", str(key)) or re.search(r"[\r\n\x00]", str(value)):
+        if not re.match(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", key) or re.search(r"[\r\n\x00]", value):
             raise ValueError("header %r cannot be sent" % key)
-        str(value).encode("latin-1")  # UnicodeEncodeError is a ValueError too
-        clean[str(key)] = str(value)
+        value.encode("latin-1")  # UnicodeEncodeError is a ValueError too
+        clean[key] = value
     return clean
-
-
-def encode_header_block(headers):
-    """Header lines as bytes. Names are ours and values cleaned (clean_header_value,
-    clean_exchange_headers), so nothing here can split the block."""
-    return b"".join(b"%s: %s\r\n" % (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
 
 
 def redact_headers(pairs):
@@ -1057,13 +996,10 @@ def parse_retry_after(value, now=None):
 
 def retry_after_seconds(headers):
     """Retry-After (or retry-after-ms) of an upstream answer, in seconds."""
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    return parse_retry_after(headers.get("retry-after"))
+    try:
+        return max(0.0, float(headers.get("retry-after-ms")) / 1000.0)
+    except (TypeError, ValueError):
+        return parse_retry_after(headers.get("retry-after"))
 
 
 def backoff_delay(attempt, base, cap=8.0, rng=random.random):
@@ -1074,19 +1010,7 @@ def backoff_delay(attempt, base, cap=8.0, rng=random.random):
 
 def proxy_bypassed(host, port, no_proxy):
     """Whether NO_PROXY exempts host (suffix match, *, and optional :port)."""
-    host = host.lower().strip("[]")
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if not entry:
-            continue
-        if entry == "*":
-            return True
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        if entry_port and entry_port != str(port):
-            continue
-        name = name.lstrip(".").lstrip("*.")
-        if host == name or host.endswith("." + name):
-            return True
-    return False
+    return urllib.request.proxy_bypass_environment("%s:%d" % (host, port), {"no": no_proxy})
 
 
 def safe_for_log(value, limit=120):
@@ -1097,131 +1021,56 @@ def safe_for_log(value, limit=120):
     return text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
 
 
-# === Pure helpers: errors ===
-
-def error_message_of(obj):
-    """The human message in one of GitLab's or the gateway's error shapes."""
-    if not isinstance(obj, dict):
-        return None
-    for key in ("message", "detail", "error_description", "error"):
-        value = obj.get(key)
-        if isinstance(value, dict):
-            value = error_message_of(value)
-        if isinstance(value, list):
-            value = "; ".join(str(v.get("msg", v)) if isinstance(v, dict) else str(v) for v in value)
-        if isinstance(value, str) and value:
-            if key == "error" and isinstance(obj.get("message"), str):
-                continue
-            return value
-    return None
+_TOKEN_PATTERNS = re.compile(r"(gl(?:pat|oas|dt|rt|ft|cbt|ptt|soat|agent)-[A-Za-z0-9_.-]{8,}"
+                             r"|(?i:bearer)\s+[A-Za-z0-9_.~+/=-]{8,}"
+                             r"|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+)")
 
 
-def is_anthropic_error(obj):
-    return (isinstance(obj, dict) and obj.get("type") == "error"
-            and isinstance(obj.get("error"), dict) and isinstance(obj["error"].get("type"), str))
+def redact_patterns(text):
+    return _TOKEN_PATTERNS.sub("[redacted]", text)
 
 
-def gateway_error_hint(status, message, obj, model, known_models):
-    """What a user can do about a gateway error that is not Anthropic's own."""
-    lower = (message or "").lower()
-    code = str(obj.get("error_code", "") if isinstance(obj, dict) else "")
-    if "unsupported model" in lower:
-        return ("GitLab does not serve model %r. Models this proxy knows: %s. If GitLab's list "
-                "changed, set MODELS or pick another model." % (model, ", ".join(known_models)))
-    if "failed to extract model" in lower:
-        return "The request needs a \"model\" string."
-    if code == "USAGE_QUOTA_EXCEEDED" or "insufficient_credits" in lower:
-        return "Your GitLab Duo credits are used up; ask your GitLab administrator for more."
-    if code == "USAGE_QUOTA_NOT_ENTITLED" or "not_entitled" in lower:
-        return "Your GitLab subscription does not include this; check your Duo Pro/Enterprise seat."
-    if "proxy endpoints are not enabled" in lower:
-        return ("An administrator of your top-level group must allow third-party agents "
-                "(Duo proxy endpoints) for this namespace.")
-    if "missing x-gitlab" in lower or "mismatch" in lower:
-        return "GitLab's headers were not accepted; this is a proxy bug, please report it."
-    return GATEWAY_STATUS_HINTS.get(status, "")
+def sse_data(frame):
+    """The JSON of an SSE frame's data: lines (None if it has none or is not JSON)."""
+    lines = [line[5:].lstrip() for line in frame.splitlines() if line.startswith(b"data:")]
+    return parse_json_or_none(b"\n".join(lines)) if lines else None
 
 
-GATEWAY_STATUS_HINTS = {
-    401: "The AI gateway rejected the token even after a fresh exchange. Check that your GitLab "
-         "token is valid with scope api and that your Duo seat is active.",
-    402: "GitLab refused to bill this request; check your Duo subscription and credits.",
-    403: "GitLab does not allow this for your account; check your Duo seat and namespace settings.",
-    404: "The gateway has no such route: check GITLAB_AI_GATEWAY_URL and GITLAB_AI_GATEWAY_PREFIX "
-         "(a self-hosted gateway usually needs an empty prefix).",
-    429: "Too many requests; wait a moment and retry.",
-    502: "The gateway could not reach the model provider; retry shortly.",
-    503: "The gateway is unavailable; retry shortly.",
-    504: "The gateway timed out; retry, or use streaming for long answers.",
-}
+def event_boundary(buf):
+    """End of the last complete SSE event in buf (0 if none is complete)."""
+    lf = buf.rfind(b"\n\n")
+    crlf = buf.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
-def is_openai_error(obj):
-    return (isinstance(obj, dict) and isinstance(obj.get("error"), dict)
-            and isinstance(obj["error"].get("message"), str))
+USAGE_KEYS = {"input_tokens": "input", "output_tokens": "output",
+              "cache_read_input_tokens": "cache_read",
+              "cache_creation_input_tokens": "cache_creation", "prompt_tokens": "input",
+              "completion_tokens": "output"}
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_creation")
 
 
-def translate_gateway_error(status, raw, model, known_models, upstream="anthropic", dialect="anthropic"):
-    """The error a client gets for a failed gateway answer. An error already in the
-    client's dialect passes through as it is (PassThrough); an Anthropic error reaching an
-    OpenAI client keeps its message and type; GitLab's own shapes get a hint."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        obj = None
-    native = is_anthropic_error(obj) if upstream == "anthropic" else is_openai_error(obj)
-    if native and dialect == ("openai" if upstream == "openai" else "anthropic"):
-        return PassThrough(status, raw)
-    if native and upstream == "anthropic":
-        error = ProxyError(obj["error"].get("message") or "error", status)
-        error.kind = obj["error"]["type"]
-        return error
-    if native:
-        return ProxyError(obj["error"]["message"], status)
-    message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "error")
-    hint = gateway_error_hint(status, message, obj, model, known_models)
-    text = "GitLab AI gateway answered %d: %s" % (status, message.rstrip("."))
-    return ProxyError(text + (". " + hint if hint else ""), status)
+def merge_usage(usage, reported):
+    """Token counts an answer reported, folded into usage (one dict per request)."""
+    if not isinstance(reported, dict):
+        return
+    for key, name in USAGE_KEYS.items():
+        value = reported.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            usage[name] = value
+    details = reported.get("prompt_tokens_details") or reported.get("input_tokens_details")
+    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+        usage["cache_read"] = details["cached_tokens"]
 
 
-def short_text(raw, limit=300):
-    text = raw.decode("utf-8", "replace").strip()
-    if "<html" in text[:200].lower():
-        return ""
-    return " ".join(text.split())[:limit]
+def usage_of(data):
+    """The usage object of a JSON answer (None when it has none)."""
+    answer = parse_json_or_none(data)
+    usage = answer.get("usage") if isinstance(answer, dict) else None
+    return usage if isinstance(usage, dict) else None
 
 
-TOKEN_ERROR_HINTS = {
-    401: "GitLab rejected the GitLab token (%s): it is invalid, expired or revoked. Create a "
-         "personal access token with scope api (or refresh your OAuth token) and set GITLAB_TOKEN.",
-    403: "GitLab refused a Duo token (%s): Duo is not enabled for this user or instance, or an "
-         "administrator disabled third-party agents / direct connections. Ask your GitLab admin "
-         "to assign a Duo Pro/Enterprise seat and allow third-party agents.",
-    429: "GitLab rate-limited the token exchange (%s); retry shortly.",
-    503: "GitLab could not mint a Duo token (%s): check your Duo seat, credits and default Duo "
-         "namespace, then retry.",
-}
-
-
-def translate_token_error(status, raw, retry_after=None):
-    """A failed direct_access exchange as an actionable Anthropic error."""
-    try:
-        obj = json.loads(raw.decode("utf-8"))
-    except ValueError:
-        obj = None
-    message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "")
-    if isinstance(obj, dict) and obj.get("error") == "insufficient_scope":
-        return ProxyError("The GitLab token lacks the needed scope (%s). Create a token with "
-                          "scope api." % message, 403, retry=False)
-    template = TOKEN_ERROR_HINTS.get(status)
-    if template is None:
-        return ProxyError("GitLab's token exchange failed with %d (%s); check GITLAB_INSTANCE_URL."
-                          % (status, message), 502)
-    headers = {"retry-after": str(int(retry_after + 0.999))} if retry_after is not None else None
-    return ProxyError(template % message, status, headers, retry=status in (429, 503))
-
-
-# === Pure helpers: OpenAI translation ===
+# === OpenAI translation ===
 
 DEFAULT_MAX_TOKENS = 8192
 REASONING_BUDGETS = {"low": 2048, "medium": 8192, "high": 24576, "xhigh": 32768}
@@ -1293,8 +1142,8 @@ def chat_messages(messages):
         elif role == "tool":
             add_turn(turns, "user", [tool_result_block(msg, where)])
         else:
-            raise BadRequest("%s.role %r is not supported; use system, developer, user, assistant "
-                             "or tool" % (where, role))
+            raise BadRequest("%s.role %r is not supported; use system, developer, user, "
+                             "assistant or tool" % (where, role))
     for turn in turns:
         # Anthropic wants tool results first in a user turn.
         turn["content"].sort(key=lambda block: block["type"] != "tool_result")
@@ -1333,7 +1182,8 @@ def user_blocks(content, where):
                 blocks.append({"type": "text", "text": str(part["text"])})
         elif kind == "image_url":
             image = part.get("image_url")
-            blocks.append(image_block(image.get("url") if isinstance(image, dict) else image, part_where))
+            blocks.append(image_block(image.get("url") if isinstance(image, dict) else image,
+                                      part_where))
         else:
             raise BadRequest("%s: part type %r is not supported for Claude models (text and "
                              "image_url are)" % (part_where, kind))
@@ -1348,8 +1198,10 @@ def image_block(url, where):
         header, _, data = url[5:].partition(",")
         media_type, _, encoding = header.partition(";")
         if encoding != "base64" or media_type not in IMAGE_TYPES or not data:
-            raise BadRequest("%s: data URLs must be base64 images of type %s" % (where, ", ".join(IMAGE_TYPES)))
-        return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
+            raise BadRequest("%s: data URLs must be base64 images of type %s"
+                             % (where, ", ".join(IMAGE_TYPES)))
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type,
+                                            "data": data}}
     if url.startswith(("http://", "https://")):
         return {"type": "image", "source": {"type": "url", "url": url}}
     raise BadRequest("%s: image URLs must be data: or http(s) URLs" % where)
@@ -1359,7 +1211,8 @@ def assistant_blocks(msg, where):
     blocks = []
     content = msg.get("content")
     if isinstance(content, list):
-        text = "".join(p.get("text") or p.get("refusal") or "" for p in content if isinstance(p, dict))
+        text = "".join(p.get("text") or p.get("refusal") or "" for p in content
+                       if isinstance(p, dict))
     else:
         text = text_of(content, where + ".content")
     if text:
@@ -1374,12 +1227,10 @@ def assistant_blocks(msg, where):
 
 def tool_use_block(call, where):
     function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(call.get("id"), str) or not isinstance(function.get("name"), str):
+    if not isinstance(function, dict) or not isinstance(call.get("id"), str) \
+            or not isinstance(function.get("name"), str):
         raise BadRequest("%s needs an id and a function with a name" % where)
-    try:
-        arguments = json.loads(function.get("arguments") or "{}")
-    except ValueError:
-        arguments = None
+    arguments = parse_json_or_none(function.get("arguments") or "{}")
     if not isinstance(arguments, dict):
         raise BadRequest("%s.function.arguments must be a JSON object (as a string)" % where)
     return {"type": "tool_use", "id": call["id"], "name": function["name"], "input": arguments}
@@ -1405,8 +1256,8 @@ def add_tools(body, req):
     json_schema = response_format_schema(req.get("response_format"))
     if json_schema is not None:
         if tools:
-            raise BadRequest("response_format json_object/json_schema cannot be combined with tools "
-                             "for Claude models; ask for JSON in the prompt instead")
+            raise BadRequest("response_format json_object/json_schema cannot be combined with "
+                             "tools for Claude models; ask for JSON in the prompt instead")
         body["tools"] = [{"name": JSON_TOOL, "description": "Give the answer as this JSON object.",
                           "input_schema": json_schema}]
         body["tool_choice"] = {"type": "tool", "name": JSON_TOOL}
@@ -1442,8 +1293,8 @@ def response_format_schema(response_format):
 
 def chat_tool(tool, where):
     function = tool.get("function") if isinstance(tool, dict) else None
-    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict) \
-            or not isinstance(function.get("name"), str):
+    if not isinstance(tool, dict) or tool.get("type") != "function" \
+            or not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise BadRequest("%s: only function tools with a name are supported" % where)
     entry = {"name": function["name"],
              "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
@@ -1511,7 +1362,8 @@ def chat_usage(usage):
     cached = usage.get("cache_read", 0)
     prompt = usage.get("input", 0) + cached + usage.get("cache_creation", 0)
     completion = usage.get("output", 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
             "completion_tokens_details": {"reasoning_tokens": 0}}
 
@@ -1529,7 +1381,8 @@ def anthropic_to_chat(message, plan, created):
             texts.append(json.dumps(block.get("input"), ensure_ascii=False))
         elif kind == "tool_use":
             calls.append({"id": block.get("id"), "type": "function", "function": {
-                "name": block.get("name"), "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+                "name": block.get("name"),
+                "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
     reply = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         reply["tool_calls"] = calls
@@ -1539,8 +1392,8 @@ def anthropic_to_chat(message, plan, created):
     merge_usage(usage, message.get("usage"))
     return {"id": "chatcmpl-" + str(message.get("id", "proxy")), "object": "chat.completion",
             "created": created, "model": plan.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": reply, "logprobs": None,
-                         "finish_reason": finish_reason(message.get("stop_reason"), plan.json_mode)}],
+            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason":
+                         finish_reason(message.get("stop_reason"), plan.json_mode)}],
             "usage": chat_usage(usage)}
 
 
@@ -1566,18 +1419,17 @@ class ChatStream:
                     out.extend(handler(payload))
         return b"".join(out)
 
-    def finish(self):
-        return b""
-
     def error(self, message):
         return openai_error_frame(message)
 
-    def chunk(self, delta, finish=None):
+    def chunk(self, delta, finish=None, usage=None):
+        """A chat.completion.chunk event; with delta None, the usage chunk (no choices)."""
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         obj = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                "model": self.plan.model, "system_fingerprint": None,
-               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+               "choices": [] if delta is None else [choice]}
         if self.plan.include_usage:
-            obj["usage"] = None
+            obj["usage"] = usage
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
     def on_message_start(self, event):
@@ -1595,8 +1447,9 @@ class ChatStream:
             return []
         call = sum(1 for v in self.blocks.values() if v != JSON_TOOL)
         self.blocks[event.get("index")] = call
-        return [self.chunk({"tool_calls": [{"index": call, "id": block.get("id"), "type": "function",
-                                            "function": {"name": block.get("name"), "arguments": ""}}]})]
+        function = {"name": block.get("name"), "arguments": ""}
+        return [self.chunk({"tool_calls": [{"index": call, "id": block.get("id"),
+                                            "type": "function", "function": function}]})]
 
     def on_content_block_delta(self, event):
         delta = event.get("delta") or {}
@@ -1616,17 +1469,15 @@ class ChatStream:
 
     def on_message_delta(self, event):
         merge_usage(self.usage, event.get("usage"))
-        self.finish_reason = finish_reason((event.get("delta") or {}).get("stop_reason"), self.plan.json_mode)
+        stop_reason = (event.get("delta") or {}).get("stop_reason")
+        self.finish_reason = finish_reason(stop_reason, self.plan.json_mode)
         return []
 
     def on_message_stop(self, event):
         self.complete = True
         out = [self.chunk({}, self.finish_reason)]
         if self.plan.include_usage:
-            out.append(b"data: " + json.dumps({
-                "id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.plan.model, "system_fingerprint": None, "choices": [],
-                "usage": chat_usage(self.usage)}).encode() + b"\n\n")
+            out.append(self.chunk(None, usage=chat_usage(self.usage)))
         return out + [b"data: [DONE]\n\n"]
 
     def on_ping(self, event):
@@ -1639,34 +1490,128 @@ class ChatStream:
                                    OPENAI_ERROR_TYPES.get(error.get("type"), "server_error"))]
 
 
+def openai_error_frame(message, error_type="api_error"):
+    data = json.dumps({"error": {"message": message, "type": error_type, "param": None,
+                                 "code": None}})
+    return ("data: %s\n\n" % data).encode()
+
+
 def needs_completion_tokens(model):
     """GPT-5 and the o-series refuse max_tokens and want max_completion_tokens."""
     return model.startswith(("gpt-5", "o1", "o3", "o4"))
 
 
-# === Token cache ===
+# === Credentials and tokens ===
 
-GatewayToken = collections.namedtuple("GatewayToken", "token headers header_block expires_at valid_until")
+TOKEN_MARGIN = 300          # refresh gateway tokens this many seconds before they expire
+TOKEN_FALLBACK_TTL = 1500   # GitLab's tokens live ~1 h; without expires_at trust 25 min
 
 
-def gateway_token_from(payload, now):
-    """A GatewayToken from GitLab's direct_access answer, cached until shortly before expiry."""
-    token = payload.get("token") if isinstance(payload, dict) else None
-    if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]+$", token):
-        raise UpstreamUnreachable("GitLab's token exchange answered without a usable token; "
-                                  "check that GITLAB_INSTANCE_URL is your GitLab instance")
+class CredentialSource:
+    """The user's GitLab token: a value, a file, or a command's output."""
+
+    def __init__(self, config, runner=None):
+        self._config = config
+        self._runner = runner or run_command
+        self._lock = threading.Lock()
+        self._value = config.gitlab_token or None
+
+    def get(self):
+        with self._lock:
+            if self._value is None:
+                self._value = self._load()
+            return self._value
+
+    def refresh(self):
+        """Read the token again after GitLab rejected it; True if it changed."""
+        if not (self._config.gitlab_token_file or self._config.gitlab_token_command):
+            return False
+        with self._lock:
+            old, self._value = self._value, self._load()
+            return self._value != old
+
+    def _load(self):
+        config = self._config
+        if config.gitlab_token:
+            return config.gitlab_token
+        if config.gitlab_token_file:
+            return self._from_file(config.gitlab_token_file)
+        return self._from_command(config.gitlab_token_command)
+
+    @staticmethod
+    def _from_file(path):
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8") as fh:
+                token = first_line(fh.read())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Unauthorized("cannot read GITLAB_TOKEN_FILE %s: %s"
+                               % (path, exc.__class__.__name__)) from None
+        if not token:
+            raise Unauthorized("GITLAB_TOKEN_FILE %s is empty" % path)
+        return token
+
+    def _from_command(self, command):
+        try:
+            returncode, stdout = self._runner(command)
+        except OSError as exc:  # subprocess errors included: run_command turns them into OSError
+            raise Unauthorized("GITLAB_TOKEN_COMMAND could not run (%s); run it yourself to see "
+                               "why" % exc.__class__.__name__) from None
+        token = first_line(stdout.decode("utf-8", "replace"))
+        if returncode != 0 or not token:
+            # Its output may hold the secret, so it is never shown.
+            raise Unauthorized("GITLAB_TOKEN_COMMAND failed (exit status %d%s); run it yourself "
+                               "to see why" % (returncode, "" if token else ", no output"))
+        return token
+
+
+def run_command(command, timeout=60):
+    """(exit status, stdout) of a shell command; its stderr goes to ours, never to a client."""
     try:
-        headers = clean_exchange_headers(payload.get("headers") or {})
-    except ValueError as exc:
-        raise UpstreamUnreachable("GitLab's token exchange returned headers the proxy cannot "
-                                  "replay (%s); please report this" % exc) from None
-    expires_at = payload.get("expires_at")
-    if isinstance(expires_at, (int, float)) and not isinstance(expires_at, bool) and expires_at > now:
-        valid_until = max(now + (expires_at - now) / 2, expires_at - TOKEN_MARGIN)
-    else:
-        expires_at, valid_until = None, now + TOKEN_FALLBACK_TTL
-    block = encode_header_block(token_headers(token, headers))
-    return GatewayToken(token, headers, block, expires_at, valid_until)
+        done = subprocess.run(command, shell=True, stdout=subprocess.PIPE, timeout=timeout,
+                              check=False)
+    except subprocess.SubprocessError as exc:
+        raise OSError(exc.__class__.__name__) from None
+    return done.returncode, done.stdout
+
+
+def first_line(text):
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+class FixedCredential:
+    """A GitLab token a client presented (team mode): nothing to re-read."""
+
+    def __init__(self, token):
+        self._token = token
+
+    def get(self):
+        return self._token
+
+    def refresh(self):
+        return False
+
+
+class GatewayToken(collections.namedtuple("GatewayToken", "token headers expires due")):
+    """A gateway token and the headers that go with it; it serves until `due` (expires_at
+    minus 5 minutes)."""
+
+    @classmethod
+    def from_exchange(cls, payload, now):
+        token = payload.get("token") if isinstance(payload, dict) else None
+        if not isinstance(token, str) or not re.match(r"^[\x21-\x7e]+$", token):
+            raise UpstreamUnreachable("GitLab's token exchange answered without a usable token; "
+                                      "check that GITLAB_INSTANCE_URL is your GitLab instance")
+        try:
+            headers = clean_exchange_headers(payload.get("headers") or {})
+        except ValueError as exc:
+            raise UpstreamUnreachable("GitLab's token exchange returned headers the proxy cannot "
+                                      "replay (%s); please report this" % exc) from None
+        expires = payload.get("expires_at")
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool) and expires > now:
+            due = max(now + (expires - now) / 2, expires - TOKEN_MARGIN)
+        else:
+            due = expires = now + TOKEN_FALLBACK_TTL
+        return cls(token, token_headers(token, headers), expires, due)
 
 
 class _Flight:
@@ -1679,11 +1624,9 @@ class _Flight:
 
 
 class TokenCache:
-    """A gateway token shared by all requests: fetched once, refreshed before expiry.
-
+    """A gateway token shared by all requests, fetched once and refreshed before expiry.
     Single-flight: however many requests find the cache cold, one exchange runs and all
-    of them get its result. Failures are never cached.
-    """
+    of them get its result. Failures are never cached."""
 
     def __init__(self, exchange, clock=time.time, wait_timeout=120.0):
         self._exchange = exchange
@@ -1697,7 +1640,7 @@ class TokenCache:
     def get(self):
         with self._lock:
             token = self._token
-            if token is not None and self._clock() < token.valid_until:
+            if token is not None and self._clock() < token.due:
                 return token
             flight, leader = self._flight, self._flight is None
             if leader:
@@ -1715,7 +1658,7 @@ class TokenCache:
 
     def _fly(self, flight):
         try:
-            flight.token = gateway_token_from(self._exchange(), self._clock())
+            flight.token = GatewayToken.from_exchange(self._exchange(), self._clock())
         except ProxyError as exc:
             flight.error = exc
         except Exception as exc:  # the waiters must never hang on an unexpected failure
@@ -1740,111 +1683,56 @@ class TokenCache:
                 self._token = None
 
     def state(self):
-        with self._lock:
-            token = self._token
-        now = self._clock()
-        if token is None:
-            return {"state": "not yet fetched", "exchanges": self.exchanges}
-        if now >= token.valid_until:
-            return {"state": "expired", "exchanges": self.exchanges}
-        left = (token.expires_at or token.valid_until) - now
-        return {"state": "valid", "expires_in": int(left), "refresh_in": int(token.valid_until - now),
-                "exchanges": self.exchanges}
+        token, now = self._token, self._clock()
+        if token is None or now >= token.due:
+            state = "not yet fetched" if token is None else "expired"
+            return {"state": state, "exchanges": self.exchanges}
+        return {"state": "valid", "expires_in": int(token.expires - now),
+                "refresh_in": int(token.due - now), "exchanges": self.exchanges}
 
 
-class CredentialSource:
-    """The user's GitLab token: a value, a file, or a command's output."""
+class UserTokens:
+    """Team mode: one token cache per GitLab user, keyed by a hash of their token,
+    least recently used dropped first."""
 
-    def __init__(self, config, runner=None):
-        self._config = config
-        self._runner = runner or run_command
+    def __init__(self, upstream, clock=time.time, max_users=256):
+        self._upstream = upstream
+        self._clock = clock
+        self._max = max_users
         self._lock = threading.Lock()
-        self._value = config.gitlab_token or None
+        self._caches = collections.OrderedDict()
 
-    @property
-    def refreshable(self):
-        return bool(self._config.gitlab_token_file or self._config.gitlab_token_command)
+    def __len__(self):
+        return len(self._caches)
 
-    def get(self):
+    def get(self, gitlab_token):
+        key = hashlib.sha256(gitlab_token.encode("utf-8", "replace")).hexdigest()
         with self._lock:
-            if self._value is None:
-                self._value = self._load()
-            return self._value
-
-    def refresh(self):
-        """Read the token again after GitLab rejected it; True if it changed."""
-        if not self.refreshable:
-            return False
-        with self._lock:
-            old, self._value = self._value, self._load()
-            return self._value != old
-
-    def _load(self):
-        config = self._config
-        if config.gitlab_token:
-            return config.gitlab_token
-        if config.gitlab_token_file:
-            return self._from_file(config.gitlab_token_file)
-        return self._from_command(config.gitlab_token_command)
-
-    @staticmethod
-    def _from_file(path):
-        try:
-            with open(os.path.expanduser(path), encoding="utf-8") as fh:
-                token = first_line(fh.read())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise Unauthorized("cannot read GITLAB_TOKEN_FILE %s: %s" % (path, exc.__class__.__name__)) from None
-        if not token:
-            raise Unauthorized("GITLAB_TOKEN_FILE %s is empty" % path)
-        return token
-
-    def _from_command(self, command):
-        try:
-            returncode, stdout = self._runner(command)
-        except OSError as exc:  # subprocess errors included: run_command turns them into OSError
-            raise Unauthorized("GITLAB_TOKEN_COMMAND could not run (%s); run it yourself to see why"
-                               % exc.__class__.__name__) from None
-        token = first_line(stdout.decode("utf-8", "replace"))
-        if returncode != 0 or not token:
-            # Its output may hold the secret, so it is never shown.
-            raise Unauthorized("GITLAB_TOKEN_COMMAND failed (exit status %d%s); run it yourself "
-                               "to see why" % (returncode, "" if token else ", no output"))
-        return token
+            cache = self._caches.get(key)
+            if cache is None:
+                source = FixedCredential(gitlab_token)
+                cache = TokenCache(lambda: self._upstream.exchange(source), self._clock)
+                self._caches[key] = cache
+                while len(self._caches) > self._max:
+                    self._caches.popitem(last=False)
+            else:
+                self._caches.move_to_end(key)
+        return cache
 
 
-def run_command(command, timeout=60):
-    """(exit status, stdout) of a shell command; its stderr goes to ours, never to a client."""
-    import subprocess  # only token commands need it; it costs half a megabyte
-    try:
-        done = subprocess.run(command, shell=True, stdout=subprocess.PIPE, timeout=timeout, check=False)
-    except subprocess.SubprocessError as exc:
-        raise OSError(exc.__class__.__name__) from None
-    return done.returncode, done.stdout
+# === Upstream ===
 
-
-def first_line(text):
-    for line in text.splitlines():
-        if line.strip():
-            return line.strip()
-    return ""
-
-
-# === Upstream client ===
-
-class Endpoint(collections.namedtuple("Endpoint", "scheme host port path")):
-    """Where a base URL points: scheme, host, port and path prefix."""
+class Endpoint(collections.namedtuple("Endpoint", "scheme host port path origin")):
+    """Where a base URL points: scheme, host, port, path prefix, and scheme://host[:port]."""
 
     @classmethod
     def parse(cls, url):
         parts = urllib.parse.urlsplit(url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        return cls(parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
-
-    @property
-    def origin(self):
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return "%s://%s%s" % (self.scheme, host, "" if self.port == default else ":%d" % self.port)
+        default = 443 if parts.scheme == "https" else 80
+        port, host = parts.port or default, parts.hostname
+        origin = "%s://%s%s" % (parts.scheme, "[%s]" % host if ":" in host else host,
+                                "" if port == default else ":%d" % port)
+        return cls(parts.scheme, host, port, parts.path.rstrip("/"), origin)
 
 
 def client_ssl_context(ca_bundle=""):
@@ -1854,7 +1742,8 @@ def client_ssl_context(ca_bundle=""):
         try:
             context.load_verify_locations(cafile=os.path.expanduser(ca_bundle))
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError("GITLAB_CA_BUNDLE %s cannot be loaded: %s" % (ca_bundle, exc)) from None
+            raise ConfigError("GITLAB_CA_BUNDLE %s cannot be loaded: %s"
+                              % (ca_bundle, exc)) from None
     return context
 
 
@@ -1881,269 +1770,10 @@ def describe_network_error(exc, endpoint):
     return "%s: %s" % (where, text)
 
 
-_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)  # where it is missing, no socket is blocking
-
-
-def _kernel_timed(base):
-    """base (a socket method), raising socket.timeout where the kernel's timeout ran out."""
-    def call(self, *args):
-        try:
-            return base(self, *args)
-        except BlockingIOError:
-            if self.gettimeout() == 0:
-                raise  # a non-blocking socket: no data now, not a timeout
-            raise socket.timeout("timed out") from None
-    call.__name__ = base.__name__
-    return call
-
-
-class KernelTimeoutSocket(socket.socket):
-    """A blocking socket whose timeout the kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO).
-
-    Python enforces a socket timeout by calling poll() before every send and recv: twice
-    the system calls, and under load twice the moments the GIL passes between threads
-    (measured: about a tenth of the proxy's CPU per request). A timed-out call raises
-    socket.timeout, as with Python's own timeouts. Linux only (the timeval layout is
-    known there), and plain TCP only: TLS reads retry a timed-out blocking read forever.
-    """
-
-    __slots__ = ("_kernel_timeout",)
-    available = sys.platform.startswith("linux")
-
-    @classmethod
-    def adopt(cls, sock):
-        """The same connection as a KernelTimeoutSocket, keeping its timeout."""
-        timeout = sock.gettimeout()
-        adopted = cls(sock.family, sock.type, sock.proto, sock.detach())
-        adopted.settimeout(timeout)
-        return adopted
-
-    def settimeout(self, seconds):
-        if seconds is not None and seconds < 0:
-            raise ValueError("Timeout value out of range")
-        self._kernel_timeout = seconds
-        if seconds == 0:
-            return super().settimeout(0)  # non-blocking: the kernel timeout never applies
-        super().settimeout(None)
-        whole, frac = divmod(seconds or 0.0, 1.0)
-        usec = int(frac * 1e6)
-        if seconds and not (whole or usec):
-            usec = 1  # zero would mean no timeout at all
-        value = struct.pack("@ll", int(whole), usec)
-        self.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-        self.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-
-    def gettimeout(self):
-        return getattr(self, "_kernel_timeout", None)
-
-    recv = _kernel_timed(socket.socket.recv)
-    recv_into = _kernel_timed(socket.socket.recv_into)
-    send = _kernel_timed(socket.socket.send)
-    sendall = _kernel_timed(socket.socket.sendall)
-
-
-def int_or_none(text):
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
-
-
-class UpstreamResponse:
-    """An answer from GitLab or the gateway, read from its connection's own buffered reader.
-
-    http.client's HTTPResponse makes a new reader for every answer and parses the header
-    block into an email.message.Message; the two cost more than everything else the proxy
-    does per call. This reads the same framing as http.client (Content-Length, chunked,
-    until close; a 100 Continue skipped; HEAD, 1xx, 204 and 304 bodiless) and raises
-    http.client's exceptions, so a caller sees no difference."""
-
-    def __init__(self, fp, method):
-        self.fp, self._method = fp, method
-        self.status = self.headers = self.length = self.chunk_left = None
-        self.version, self.chunked, self.will_close, self.done = 11, False, False, False
-
-    def begin(self):
-        while True:
-            version, status = self._read_status()
-            if status != http.client.CONTINUE:
-                break
-            self._read_fields()  # an interim answer: its fields mean nothing to us
-        self.status = status
-        if version in ("HTTP/1.0", "HTTP/0.9"):
-            self.version = 10
-        elif not version.startswith("HTTP/1."):
-            raise http.client.UnknownProtocol(version)
-        self.headers = self._read_fields()
-        self._frame()
-
-    def _readline(self, what):
-        line = self.fp.readline(65537)
-        if len(line) > 65536:
-            raise http.client.LineTooLong(what)
-        return line
-
-    def _read_status(self):
-        """(HTTP version, status code) of the status line; its reason phrase means nothing."""
-        line = self._readline("status line")
-        if not line:
-            # What a kept-alive connection the server has closed meanwhile answers.
-            raise http.client.RemoteDisconnected("Remote end closed connection without response")
-        words = line.decode("iso-8859-1").split(None, 2)
-        status = int_or_none(words[1]) if len(words) > 1 else None
-        if not words or not words[0].startswith("HTTP/") or status is None or not 100 <= status <= 999:
-            raise http.client.BadStatusLine(line.decode("iso-8859-1"))
-        return words[0], status
-
-    def _read_fields(self):
-        try:
-            return read_headers(self.fp, strict=False)
-        except HeaderError as exc:
-            raise http.client.HTTPException(str(exc)) from None
-
-    def _frame(self):
-        encoding = self.headers.get("transfer-encoding")
-        self.chunked = bool(encoding and encoding.lower() == "chunked")
-        self.will_close = self._check_close()
-        length = int_or_none(self.headers.get("content-length"))
-        if length is not None and length >= 0 and not self.chunked:
-            self.length = length
-        if self.status in (204, 304) or self.status < 200 or self._method == "HEAD":
-            self.length, self.chunked = 0, False
-        if self.length is None and not self.chunked:
-            self.will_close = True  # the body ends when the server closes
-        if self.length == 0:
-            self.done = True
-
-    def _check_close(self):
-        """http.client's rule: HTTP/1.1 stays open unless told; HTTP/1.0 closes unless told."""
-        connection = (self.headers.get("connection") or "").lower()
-        if self.version == 11:
-            return "close" in connection
-        keep = self.headers.get("keep-alive") or "keep-alive" in connection or \
-            "keep-alive" in (self.headers.get("proxy-connection") or "").lower()
-        return not keep
-
-    def read(self):
-        """The rest of the body."""
-        if self.chunked:
-            parts = []
-            while not self.done:
-                parts.append(self.read1(MIB))
-            return b"".join(parts)
-        if self.done:
-            return b""
-        if self.length is None:
-            data, self.done = self.fp.read(), True
-            return data
-        data = self.fp.read(self.length)
-        if len(data) < self.length:
-            raise http.client.IncompleteRead(data, self.length - len(data))
-        self.length, self.done = 0, True
-        return data
-
-    def read1(self, n):
-        """What has arrived of the body, at most n bytes; b"" at its end."""
-        if self.done:
-            return b""
-        if self.chunked:
-            return self._read1_chunked(n)
-        data = self.fp.read1(n if self.length is None else min(n, self.length))
-        if self.length is None:
-            self.done = not data
-            return data
-        if not data:
-            raise http.client.IncompleteRead(b"", self.length)
-        self.length -= len(data)
-        self.done = not self.length
-        return data
-
-    def _read1_chunked(self, n):
-        if not self.chunk_left:
-            if self.chunk_left == 0 and len(self.fp.read(2)) < 2:  # the CRLF ending a chunk
-                raise http.client.IncompleteRead(b"")
-            self.chunk_left = self._chunk_size()
-            if not self.chunk_left:
-                self._skip_trailer()
-                self.done = True
-                return b""
-        data = self.fp.read1(min(n, self.chunk_left))
-        if not data:
-            raise http.client.IncompleteRead(b"", self.chunk_left)
-        self.chunk_left -= len(data)
-        return data
-
-    def _chunk_size(self):
-        line = self._readline("chunk size")
-        try:
-            return int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            raise http.client.IncompleteRead(b"") from None  # as http.client: cut, or garbled
-
-    def _skip_trailer(self):
-        while self._readline("trailer line") not in (b"\r\n", b"\n", b""):
-            pass
-
-
-_UNSAFE_IN_TARGET = re.compile(r"[\x00-\x20\x7f]")
-
-
-class _OneWriteRequests:
-    """http.client connects (TLS and proxy tunnels included), UpstreamResponse reads the
-    answers, and a request goes out as one write: its line, Host and the pre-encoded header
-    block, then the body. http.client's own request path would make two writes (two packets,
-    and on a loaded machine two wake-ups of the server) and cost a putheader() per field."""
-
-    _host_field = None
-    _reader = None
-
-    def send_request(self, method, path, body, head_block):
-        if _UNSAFE_IN_TARGET.search(path) or _UNSAFE_IN_TARGET.search(method):
-            raise http.client.InvalidURL("can't send %r %r: control characters or spaces" % (method, path))
-        if self._host_field is None:
-            self._host_field = self._host_line()
-        self._method = method
-        self.send(b"%s %s HTTP/1.1\r\n%s%s\r\n%s" % (
-            method.encode("ascii"), path.encode("ascii"), self._host_field, head_block, body or b""))
-
-    def _host_line(self):
-        """The Host field as http.client writes it (the tunnel's target behind a proxy)."""
-        host, port = (self._tunnel_host, self._tunnel_port) if self._tunnel_host else (self.host, self.port)
-        try:
-            name = host.encode("ascii")
-        except UnicodeEncodeError:
-            name = host.encode("idna")
-        if ":" in host:
-            name = b"[" + name + b"]"
-        return b"Host: %s\r\n" % name if port == self.default_port else b"Host: %s:%d\r\n" % (name, port)
-
-    def getresponse(self):
-        """The answer, its head read. The connection keeps one reader for all its answers;
-        the Reply that owns the answer closes the connection unless it was read whole."""
-        if self._reader is None:
-            self._reader = self.sock.makefile("rb")
-        response = UpstreamResponse(self._reader, self._method)
-        response.begin()
-        return response
-
-    def close(self):
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.close()
-        super().close()
-
-
-class UpstreamHTTPConnection(_OneWriteRequests, http.client.HTTPConnection):
-    pass
-
-
-class UpstreamHTTPSConnection(_OneWriteRequests, http.client.HTTPSConnection):
-    pass
-
-
 class ConnectionPool:
-    """Keeps upstream connections open between requests (per host, bounded, thread-safe),
-    so a session pays TCP and TLS set-up a handful of times, not once per call."""
+    """Keeps http.client connections to GitLab and the gateway open between requests
+    (per host, bounded, thread-safe), so a session pays TCP and TLS set-up a handful of
+    times, not once per call."""
 
     def __init__(self, config, max_idle=128, idle_ttl=50.0, clock=time.monotonic):
         self._config = config
@@ -2162,8 +1792,10 @@ class ConnectionPool:
         parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
         headers = {}
         if parts.username:
-            userinfo = "%s:%s" % (urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or ""))
-            headers["Proxy-Authorization"] = "Basic " + base64.b64encode(userinfo.encode()).decode()
+            userinfo = "%s:%s" % (urllib.parse.unquote(parts.username),
+                                  urllib.parse.unquote(parts.password or ""))
+            basic = base64.b64encode(userinfo.encode()).decode()
+            headers["Proxy-Authorization"] = "Basic " + basic
         return parts.hostname, parts.port or 8080, headers
 
     def _connect(self, endpoint):
@@ -2171,14 +1803,12 @@ class ConnectionPool:
         host, port = (proxy[0], proxy[1]) if proxy else (endpoint.host, endpoint.port)
         timeout = self._config.connect_timeout
         if endpoint.scheme == "https":
-            conn = UpstreamHTTPSConnection(host, port, timeout=timeout, context=self._ssl)
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
         else:
-            conn = UpstreamHTTPConnection(host, port, timeout=timeout)
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
         if proxy:
             conn.set_tunnel(endpoint.host, endpoint.port, proxy[2])
-        conn.connect()
-        if endpoint.scheme == "http" and KernelTimeoutSocket.available:
-            conn.sock = KernelTimeoutSocket.adopt(conn.sock)
+        conn.connect()  # http.client sets TCP_NODELAY: head and body never wait for an ACK
         with self._lock:
             self.opened[endpoint.origin] += 1
         return conn
@@ -2186,12 +1816,10 @@ class ConnectionPool:
     def _take_idle(self, endpoint):
         now = self._clock()
         with self._lock:
-            idle = self._idle.get(endpoint[:3], [])  # scheme, host, port: the origin, cheaply
+            idle = self._idle.get(endpoint.origin, [])
             while idle:
                 conn, since = idle.pop()
-                # A connection used a moment ago is almost surely alive; if not, send()
-                # retries once, so the select() is only worth it after a pause.
-                if now - since < 2.0 or (now - since < self._idle_ttl and connection_alive(conn)):
+                if now - since < self._idle_ttl and connection_alive(conn):
                     return conn
                 conn.close()
         return None
@@ -2201,24 +1829,23 @@ class ConnectionPool:
         if conn.sock is None:
             return
         with self._lock:
-            idle = self._idle.setdefault(endpoint[:3], [])
+            idle = self._idle.setdefault(endpoint.origin, [])
             if len(idle) < self._max_idle:
                 idle.append((conn, self._clock()))
                 return
         conn.close()
 
-    def send(self, endpoint, method, path, body, head_block, timeout):
-        """(connection, response with its headers read) for a request whose header fields
-        are head_block; a dead pooled connection is replaced once."""
+    def request(self, endpoint, method, path, body, headers, timeout):
+        """The Reply to a request, its head read; a dead pooled connection is replaced once."""
         for attempt in (0, 1):
             conn = self._take_idle(endpoint) if attempt == 0 else None
             reused = conn is not None
             conn = conn or self._connect(endpoint)
-            if conn.sock.gettimeout() != timeout:
-                conn.sock.settimeout(timeout)
+            sock = conn.sock
+            sock.settimeout(timeout)
             try:
-                conn.send_request(method, path, body, head_block)
-                return conn, conn.getresponse()
+                conn.request(method, path, body, headers)
+                return Reply(self, endpoint, conn, sock, conn.getresponse())
             except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
                 conn.close()
                 # A kept-alive connection the server closed meanwhile: nothing was processed.
@@ -2242,76 +1869,64 @@ class ConnectionPool:
 def connection_alive(conn):
     """False when the server has closed an idle kept-alive connection."""
     sock = conn.sock
-    if sock is None:
-        return False
     try:
         readable, _, _ = select.select([sock], [], [], 0)
         if not readable:
             return True
         # Readable while idle means closed, unless TLS has a post-handshake message waiting.
-        return bool(socket.socket.recv(sock, 1, socket.MSG_PEEK | _DONTWAIT)) and isinstance(sock, ssl.SSLSocket)
-    except (OSError, ValueError):
+        peeked = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+        return bool(peeked) and isinstance(sock, ssl.SSLSocket)
+    except (OSError, ValueError, TypeError):
         return False
 
 
 class Reply:
-    """An upstream answer whose headers have arrived; owns the connection until finished."""
+    """An upstream answer whose head has arrived (an http.client response); owns its
+    connection until finished, then gives it back to the pool if it was read whole."""
 
-    def __init__(self, pool, endpoint, conn, resp):
-        self.pool, self.endpoint, self.conn, self.resp = pool, endpoint, conn, resp
+    def __init__(self, pool, endpoint, conn, sock, resp):
+        self.pool, self.endpoint, self.conn, self.sock = pool, endpoint, conn, sock
+        self.resp = resp
         self.status = resp.status
         self.headers = resp.headers
-        self.request_id = clean_request_id(resp.headers.get("x-request-id"))
-        self.content_type = resp.headers.get("content-type", "application/json")
-        self.is_stream = self.content_type.lower().startswith("text/event-stream")
+        self.request_id = re.sub(r"[^A-Za-z0-9_.:-]", "",  # it is echoed to the client
+                                 resp.headers.get("x-request-id") or "")[:128] or None
+        self.is_stream = (resp.headers.get("content-type") or "").lower().startswith(
+            "text/event-stream")
+        self._data = None
         self._done = False
 
     def read_all(self):
-        try:
-            data = self.resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise UpstreamUnreachable("the gateway's answer broke off: %s"
-                                      % describe_network_error(exc, self.endpoint)) from None
-        self.finish()
-        return data
-
-    def read1(self):
-        return self.resp.read1(16384)  # SSE events are small; a blocked read holds its buffer
-
-    def set_timeout(self, seconds):
-        if self.conn.sock is not None:
-            self.conn.sock.settimeout(seconds)
+        """The whole body (read once, kept: an error is looked at more than once)."""
+        if self._data is None:
+            try:
+                self._data = self.resp.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                raise UpstreamUnreachable("the gateway's answer broke off: %s"
+                                          % describe_network_error(exc, self.endpoint)) from None
+            self.finish()
+        return self._data
 
     def finish(self):
         """Return the connection to the pool if the answer was read whole, else close it."""
-        if self._done:
-            return
-        self._done = True
-        if self.resp.done and not self.resp.will_close:
-            self.pool.release(self.endpoint, self.conn)
-        else:
-            self.conn.close()
+        if not self._done:
+            self._done = True
+            if self.resp.isclosed() and not self.resp.will_close:
+                self.pool.release(self.endpoint, self.conn)
+            else:
+                self.conn.close()
 
     def close(self):
         if not self._done:
             self._done = True
             self.conn.close()
-
-
-_REQUEST_ID_JUNK = re.compile(r"[^A-Za-z0-9_.:-]")
-
-
-def clean_request_id(value):
-    if not value:
-        return None
-    value = _REQUEST_ID_JUNK.sub("", value)[:128]
-    return value or None
+            self.resp.close()
 
 
 class Upstream:
-    """Calls GitLab (token exchange) and the AI gateway, with retries and one
-    token refresh per request."""
+    """Calls GitLab (token exchange) and the AI gateway, with retries and one token
+    refresh per request, before any byte reaches the client."""
 
     def __init__(self, config, pool, stopping, rng=random.random):
         self.config = config
@@ -2338,32 +1953,39 @@ class Upstream:
             raise Unauthorized("the GitLab token contains spaces or control characters; check "
                                "%s" % (self.config.token_source or "the token you sent"))
         headers = {"Authorization": "Bearer " + gitlab_token, "Content-Type": "application/json",
-                   "Accept": "application/json", "User-Agent": USER_AGENT,
-                   "Content-Length": str(len(DIRECT_ACCESS_BODY))}
-        path = self.gitlab.path + DIRECT_ACCESS_PATH
+                   "Accept": "application/json", "User-Agent": USER_AGENT}
         where = self.gitlab.origin
         try:
-            conn, resp = self.pool.send(self.gitlab, "POST", path, DIRECT_ACCESS_BODY,
-                                        encode_header_block(headers), self.config.token_timeout)
-            reply = Reply(self.pool, self.gitlab, conn, resp)
+            reply = self.pool.request(self.gitlab, "POST", self.gitlab.path + DIRECT_ACCESS_PATH,
+                                      DIRECT_ACCESS_BODY, headers, self.config.token_timeout)
             raw = reply.read_all()
         except socket.timeout:
-            raise ProxyError("GitLab at %s did not answer the token exchange within %g s; it may be "
-                             "down or slow, retry shortly" % (where, self.config.token_timeout), 503) from None
+            raise ProxyError("GitLab at %s did not answer the token exchange within %g s; it may "
+                             "be down or slow, retry shortly" % (where, self.config.token_timeout),
+                             503) from None
         except (OSError, http.client.HTTPException) as exc:
             raise UpstreamUnreachable("cannot reach GitLab for the token exchange: %s"
                                       % describe_network_error(exc, self.gitlab)) from None
         if not 200 <= reply.status < 300:
             raise translate_token_error(reply.status, raw, retry_after_seconds(reply.headers))
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except ValueError:
+        payload = parse_json_or_none(raw)
+        if payload is None:
             raise UpstreamUnreachable("GitLab's token exchange at %s did not answer JSON; check "
-                                      "GITLAB_INSTANCE_URL" % where) from None
+                                      "GITLAB_INSTANCE_URL" % where)
+        return payload
+
+    def gitlab_json(self, path, token=None):
+        """(status, JSON or None) of a GET on the GitLab API, with a user's token if given."""
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if token:
+            headers["Authorization"] = "Bearer " + token
+        reply = self.pool.request(self.gitlab, "GET", self.gitlab.path + path, None, headers,
+                                  self.config.token_timeout)
+        return reply.status, parse_json_or_none(reply.read_all())
 
     def call(self, tokens, api, path, body, client_headers, ctx):
         """POST to the gateway; a Reply with any status, after retries and one refresh."""
-        full_path = self.gateway.path + (ANTHROPIC_PROXY if api == "anthropic" else OPENAI_PROXY) + path
+        full_path = self.gateway.path + PROXY_PATHS[api] + path
         deadline = time.monotonic() + self.config.retry_max_seconds
         attempt, refreshed = 0, False
         while True:
@@ -2382,9 +2004,12 @@ class Upstream:
                 if isinstance(outcome, Reply):
                     return outcome
                 outcome.retry = True
-                outcome.headers["retry-after"] = "%d" % max(1, round(self.config.retry_base_delay * 2))
+                wait = max(1, round(2 * self.config.retry_base_delay))
+                outcome.headers["retry-after"] = "%d" % wait
                 raise outcome
-            log.info("gateway %s; retry %d in %.2fs", retry_reason(outcome), attempt + 1, wait)
+            reason = ("answered %d" % outcome.status if isinstance(outcome, Reply)
+                      else "failed (%s)" % outcome.message)
+            log.info("gateway %s; retry %d in %.2fs", reason, attempt + 1, wait)
             if isinstance(outcome, Reply):
                 outcome.read_all()
             if self.stopping.wait(wait):
@@ -2392,25 +2017,23 @@ class Upstream:
             attempt += 1
 
     def _attempt(self, token, api, full_path, body, client_headers, ctx):
-        headers = request_headers(client_headers, len(body), api)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("gateway request POST %s headers %s", full_path, redact_headers(
-                list(token_headers(token.token, token.headers).items()) + list(headers.items())))
+        headers = dict(token.headers)
+        headers.update(request_headers(client_headers, api))
+        log.debug("gateway request POST %s headers %s", full_path, redact_headers(headers.items()))
         started = time.monotonic()
         try:
-            conn, resp = self.pool.send(self.gateway, "POST", full_path, body,
-                                        token.header_block + encode_header_block(headers),
-                                        self.config.read_timeout)
+            reply = self.pool.request(self.gateway, "POST", full_path, body, headers,
+                                      self.config.read_timeout)
         except socket.timeout:
             return UpstreamTimeout("GitLab's AI gateway did not answer within %g s (READ_TIMEOUT)"
                                    % self.config.read_timeout)
         except (OSError, http.client.HTTPException) as exc:
             return UpstreamUnreachable("cannot reach GitLab's AI gateway: %s"
                                        % describe_network_error(exc, self.gateway))
-        ctx.upstream_ms = (time.monotonic() - started) * 1000
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("gateway answered %d headers %s", resp.status, redact_headers(resp.headers.items()))
-        return Reply(self.pool, self.gateway, conn, resp)
+        ctx.upstream_seconds = time.monotonic() - started
+        log.debug("gateway answered %d headers %s", reply.status,
+                  redact_headers(reply.headers.items()))
+        return reply
 
     def _retry_wait(self, attempt, outcome, deadline):
         """Seconds to wait before the next attempt, or None to give up now."""
@@ -2424,168 +2047,59 @@ class Upstream:
         return wait
 
 
-def retry_reason(outcome):
-    if isinstance(outcome, Reply):
-        return "answered %d" % outcome.status
-    return "failed (%s)" % outcome.message
-
-
 # === Relay ===
 
-class AnthropicStream:
-    """An Anthropic event stream relayed as it is: the bytes pass untouched; only the
-    small frames that carry token counts are read, and whether the end was seen."""
+END_MARKERS = {_A: (b"event: message_stop", b"event: error"),
+               _O: (b"data: [DONE]", b'"type":"response.completed"',
+                    b'"type": "response.completed"', b'"type":"response.failed"',
+                    b'"type":"response.incomplete"')}
 
-    def __init__(self, usage):
-        self.usage = usage
+
+class RelayedStream:
+    """An Anthropic or OpenAI event stream relayed as it is: the bytes pass untouched;
+    only the frames that carry token counts are read, and whether the end was seen."""
+
+    def __init__(self, usage, api=_A):
+        self.usage, self.api = usage, api
         self.complete = False
 
     def feed(self, data):
         """Whole events in; the bytes to send the client out."""
-        if not self.complete and (b"event: message_stop" in data or b"event: error" in data):
+        if any(marker in data for marker in END_MARKERS[self.api]):
             self.complete = True
-        scan_anthropic_usage(data, self.usage)
+        if b'"usage"' in data:
+            for frame in re.split(rb"\r?\n\r?\n", data):
+                payload = sse_data(frame) if b'"usage"' in frame else None
+                if isinstance(payload, dict):  # usage at the top, or in "message" or "response"
+                    inner = payload.get("message") or payload.get("response")
+                    inner = inner if isinstance(inner, dict) else payload
+                    merge_usage(self.usage, inner.get("usage"))
         return data
 
-    def finish(self):
-        return b""
-
     def error(self, message):
+        if self.api == _O:
+            return openai_error_frame(message)
         data = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
         return ("event: error\ndata: %s\n\n" % data).encode()
 
 
-class OpenAIStream(AnthropicStream):
-    """An OpenAI stream (chat completions or responses) relayed as it is."""
-
-    END_MARKERS = (b"data: [DONE]", b'"type":"response.completed"', b'"type": "response.completed"',
-                   b'"type":"response.failed"', b'"type":"response.incomplete"')
-
-    def feed(self, data):
-        if not self.complete and any(marker in data for marker in self.END_MARKERS):
-            self.complete = True
-        if b'"usage"' in data:
-            for frame in data.split(b"\n\n"):
-                if b'"usage"' in frame:
-                    payload = sse_data(frame)
-                    if isinstance(payload, dict):
-                        response = payload.get("response")
-                        merge_usage(self.usage, (response if isinstance(response, dict) else payload).get("usage"))
-        return data
-
-    def error(self, message):
-        return openai_error_frame(message)
-
-
-def openai_error_frame(message, error_type="api_error"):
-    data = json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": None}})
-    return ("data: %s\n\n" % data).encode()
-
-
-def scan_anthropic_usage(data, usage):
-    """Token counts from the message_start/message_delta frames in data (others untouched)."""
-    if b"message_start" not in data and b"message_delta" not in data:
-        return
-    for frame in data.split(b"\n\n"):
-        if b"message_start" in frame or b"message_delta" in frame:
-            payload = sse_data(frame)
-            if isinstance(payload, dict):
-                message = payload.get("message")
-                merge_usage(usage, (message if isinstance(message, dict) else payload).get("usage"))
-
-
-def usage_of(data):
-    """The usage object of a JSON answer, decoded without parsing the (possibly long) rest:
-    an unescaped "usage" in JSON text is a key (or that exact string), and it comes last."""
-    at = data.rfind(b'"usage"')
-    if at < 0:
-        return None
-    text = data[at + 7:].decode("utf-8", "replace")
-    start = _WHITESPACE.match(text, 0).end()
-    if text[start:start + 1] != ":":
-        return None
-    try:
-        usage, _ = _JSON_DECODER.raw_decode(text, _WHITESPACE.match(text, start + 1).end())
-    except ValueError:
-        return None
-    return usage if isinstance(usage, dict) else None
-
-
-def sse_data(frame):
-    lines = [line[5:].lstrip() for line in frame.splitlines() if line.startswith(b"data:")]
-    try:
-        return json.loads(b"\n".join(lines).decode("utf-8")) if lines else None
-    except ValueError:
-        return None
-
-
-USAGE_KEYS = {"input_tokens": "input", "output_tokens": "output", "cache_read_input_tokens": "cache_read",
-              "cache_creation_input_tokens": "cache_creation", "prompt_tokens": "input",
-              "completion_tokens": "output"}
-
-
-def merge_usage(usage, reported):
-    if not isinstance(reported, dict):
-        return
-    for key, name in USAGE_KEYS.items():
-        value = reported.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            usage[name] = value
-    details = reported.get("prompt_tokens_details") or reported.get("input_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-        usage["cache_read"] = details["cached_tokens"]
-
-
-def event_boundary(buf):
-    """End of the last complete SSE event in buf (0 if none is complete)."""
-    lf = buf.rfind(b"\n\n")
-    crlf = buf.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-
-
-class StreamWriter:
-    """Writes to the client at once: chunked for HTTP/1.1, raw bytes until close otherwise."""
-
-    def __init__(self, wfile, chunked):
-        self.wfile = wfile
-        self.chunked = chunked
-        self.sent = 0
-
-    def write(self, data):
-        try:
-            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
-        except OSError as exc:
-            raise ClientGone(exc.__class__.__name__) from None
-        self.sent += len(data)
-
-    def close(self):
-        if self.chunked:
-            try:
-                self.wfile.write(b"0\r\n\r\n")
-            except OSError as exc:
-                raise ClientGone(exc.__class__.__name__) from None
-
-
 class StreamRelay:
-    """Relays an upstream event stream as it arrives, whole events at a time.
+    """Relays an upstream event stream as it arrives, whole events at a time: bytes pass
+    through untouched; only a trailing partial event waits for its end (no client can act
+    on half an event), so a broken upstream never leaves a torn frame before the error."""
 
-    Bytes pass through untouched. Only a trailing partial event waits for its end (no
-    client can act on half an event), so a broken upstream never leaves a torn frame
-    in front of the error frame the client then receives.
-    """
-
-    def __init__(self, reply, writer, protocol, config, watch):
-        self.reply, self.writer, self.protocol = reply, writer, protocol
+    def __init__(self, reply, wfile, chunked, protocol, config, watch):
+        self.reply, self.wfile, self.chunked, self.protocol = reply, wfile, chunked, protocol
         self.config, self.watch = config, watch
 
     def run(self):
         """Relay to the end; returns None, or why the stream was cut."""
-        self.reply.set_timeout(self.config.stream_idle_timeout)
+        self.reply.sock.settimeout(self.config.stream_idle_timeout)
         deadline = time.monotonic() + self.config.stream_max_seconds
         pending = b""
         while True:
             try:
-                data = self.reply.read1()
+                data = self.reply.resp.read1(16384)  # what has arrived, without waiting
             except socket.timeout:
                 return "GitLab's AI gateway sent nothing for %g s (STREAM_IDLE_TIMEOUT)" % (
                     self.config.stream_idle_timeout)
@@ -2596,64 +2110,62 @@ class StreamRelay:
             self._check_client()
             if not data:
                 break
-            buf = pending + data if pending else data
+            buf = pending + data
             cut = event_boundary(buf)
             if cut:
-                self._emit(buf[:cut] if cut < len(buf) else buf)
+                self._emit(buf[:cut])
             pending = buf[cut:]
             if time.monotonic() > deadline:
                 return "the stream lasted longer than %g s (STREAM_MAX_SECONDS)" % (
                     self.config.stream_max_seconds)
         if pending:
             self._emit(pending)
-        tail = self.protocol.finish()
-        if tail:
-            self.writer.write(tail)
         if not self.protocol.complete:
             return "GitLab's AI gateway ended the stream before it was complete"
         return None
 
     def _check_client(self):
-        if self.watch.gone:
+        if self.watch.gone.is_set():
             raise ClientGone("closed during the stream")
 
     def _emit(self, data):
         out = self.protocol.feed(data)
         if out:
-            self.writer.write(out)
+            self.write(out)
 
-    def fail(self, reason):
-        self.writer.write(self.protocol.error(reason + "; retry the request."))
+    def write(self, data):
+        """To the client at once: chunked for HTTP/1.1, raw bytes until close otherwise."""
+        try:
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        except OSError as exc:
+            raise ClientGone(exc.__class__.__name__) from None
+
+    def end(self, failure=None):
+        """The error frame for a failure, and the end of the chunked body."""
+        if failure:
+            self.write(self.protocol.error(failure + "; retry the request."))
+        if self.chunked:
+            self.write(b"")
 
 
-class _Watch:
-    """One client socket under watch while its stream runs."""
+class Watch:
+    """One client socket under watch while its stream runs, and the upstream socket to
+    cut should the client leave (None once the stream is over: from then on the upstream
+    connection may serve another request)."""
 
-    __slots__ = ("sock", "lock", "target", "gone", "removed")
-
-    def __init__(self, sock):
-        self.sock = sock
+    def __init__(self, sock, target):
+        self.sock, self.target = sock, target
         self.lock = threading.Lock()
-        self.target = None
-        self.gone = False
-        self.removed = threading.Event()
-
-    def bind(self, conn):
-        """The upstream connection to cut when the client leaves (None: nothing to cut)."""
-        with self.lock:
-            self.target = conn
-            if self.gone:
-                abort_connection(conn)
+        self.gone = threading.Event()
 
     def fire(self):
         with self.lock:
-            self.gone = True
-            abort_connection(self.target)
+            self.gone.set()
+            abort_socket(self.target)
 
 
-def abort_connection(conn):
-    """Make a blocked read on conn return at once."""
-    sock = getattr(conn, "sock", None)
+def abort_socket(sock):
+    """Make a blocked read on sock return at once."""
     if sock is None:
         return
     try:
@@ -2664,65 +2176,48 @@ def abort_connection(conn):
         pass  # already closed by its owner: nothing left to interrupt
 
 
-# Selectors that see a socket registered while another thread waits in them; select()
-# and poll() read their list only when called, so with those the waiting thread must do it.
-_LIVE_SELECTORS = tuple(getattr(selectors, name) for name in ("EpollSelector", "KqueueSelector", "DevpollSelector")
-                        if hasattr(selectors, name))
-
-
 class DisconnectWatcher:
     """One thread for the whole server that notices clients hanging up mid-stream and
-    cuts their upstream connection, even while the upstream is silent.
-
-    With epoll or kqueue (Linux, macOS, BSD) a stream registers and unregisters its client
-    itself: no round trip to this thread, which cost 0.15-0.2 ms of every stream's time to
-    first byte. With select() (Windows) this thread is woken to do it."""
+    cuts their upstream connection, even while the upstream is silent: a client that gave
+    up stops spending the user's Duo credits at once. A stream registers its socket and
+    wakes the thread (select() reads its list only when called; epoll and kqueue would
+    not need it, but one way for every platform is simpler)."""
 
     def __init__(self, selector_class=selectors.DefaultSelector):
-        self._lock = threading.Lock()  # guards the selector's map and _ops
-        self._ops = []
+        self._lock = threading.Lock()  # guards the selector's map
         self._selector = selector_class()
-        self._live = isinstance(self._selector, _LIVE_SELECTORS)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._thread = None
         self._closed = False
 
-    def watch(self, sock):
-        watch = _Watch(sock)
-        if not self._live:
-            self._submit("add", watch)
-            return watch
+    def watch(self, sock, target):
+        watch = Watch(sock, target)
         with self._lock:
-            if not self._closed:
-                self._start()
-                self._register(watch)
+            if self._closed:
+                return watch
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="disconnect-watcher",
+                                                daemon=True)
+                self._thread.start()
+            self._register(watch)
+        self._wake()
         return watch
 
     def unwatch(self, watch):
         with watch.lock:
             watch.target = None
-        if self._live:
-            with self._lock:
-                if not self._closed:
-                    self._forget(watch)
-        elif self._submit("remove", watch):
-            watch.removed.wait(5.0)
-
-    def _start(self):
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="disconnect-watcher", daemon=True)
-            self._thread.start()
-
-    def _submit(self, op, watch):
         with self._lock:
-            if self._closed:
-                return False
-            self._ops.append((op, watch))
-            self._start()
-        self._wake_w.send(b"\0")
-        return True
+            if not self._closed:
+                self._forget(watch)
+
+    def _wake(self):
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:
+            pass  # its buffer is full of wake-ups the thread has yet to read: it will look
 
     def _run(self):
         while True:
@@ -2732,32 +2227,25 @@ class DisconnectWatcher:
                 self._drop_closed()  # a socket closed while still registered: forget it
                 continue
             for key, _ in ready:
-                if key.data is None:
-                    if not self._apply_ops():
-                        return
-                else:
+                if key.data is not None:
                     self._check(key.data)
+                elif not self._woken():
+                    return
+
+    def _woken(self):
+        """Read the wake-up bytes; False once the watcher is closed."""
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        return not self._closed
 
     def _drop_closed(self):
         with self._lock:
             for key in list(self._selector.get_map().values()):
                 if key.data is not None and key.fileobj.fileno() == -1:
                     self._forget(key.data)
-
-    def _apply_ops(self):
-        try:
-            self._wake_r.recv(4096)
-        except BlockingIOError:
-            pass  # several wake-ups were read at once
-        with self._lock:
-            ops, self._ops = self._ops, []
-            for op, watch in ops:
-                if op == "add":
-                    self._register(watch)
-                else:
-                    self._forget(watch)
-                    watch.removed.set()
-            return not self._closed
 
     def _register(self, watch):
         try:
@@ -2793,7 +2281,7 @@ class DisconnectWatcher:
             self._closed = True
             running = self._thread is not None
         if running:
-            self._wake_w.send(b"\0")
+            self._wake()
             self._thread.join(2.0)
         self._selector.close()
         self._wake_r.close()
@@ -2804,36 +2292,31 @@ def peer_state(sock):
     """What a client socket holds: "gone" (it hung up: EOF, a reset or a TLS alert),
     "data" (a next request) or "idle" (nothing)."""
     try:
-        # MSG_DONTWAIT: sockets with kernel-kept timeouts are blocking, and this thread
-        # must never wait on one client.
-        first = socket.socket.recv(sock, 1, socket.MSG_PEEK | _DONTWAIT)
-    except BlockingIOError:
-        return "idle"
-    except OSError:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return "idle"  # and so the peek below never waits for the socket's timeout
+        first = socket.socket.recv(sock, 1, socket.MSG_PEEK)
+    except (OSError, ValueError):
         return "gone"
     if first == b"" or (isinstance(sock, ssl.SSLSocket) and first == b"\x15"):
         return "gone"
     return "data"
 
 
-# === Request handler ===
+# === Handler ===
 
 class RequestContext:
     """What one request did, for its log line and the statistics."""
 
-    __slots__ = ("method", "path", "route", "model", "status", "stream", "usage", "request_id",
-                 "started", "upstream_ms", "refreshed", "head_sent", "body_read", "outcome", "new_id",
-                 "dialect")
-
     def __init__(self, method, new_id):
         self.method = method
         self.new_id = new_id
-        self.dialect = "anthropic"  # the shape errors take: anthropic, or openai on OpenAI routes
+        self.dialect = _A  # the shape errors take: anthropic, or openai on OpenAI routes
         self.path = self.route = self.model = self.status = self.request_id = None
+        self.upstream_seconds = None
         self.stream = self.refreshed = self.head_sent = self.body_read = False
         self.usage = {}
         self.started = time.monotonic()
-        self.upstream_ms = None
         self.outcome = ""
 
     def ensure_request_id(self):
@@ -2842,32 +2325,31 @@ class RequestContext:
         return self.request_id
 
 
+# Each route by the path /stats shows for it; its methods, and their handlers.
 ROUTES = {
     "/": {"GET": "status", "HEAD": "status"},
     "/v1/messages": {"POST": "messages"},
     "/v1/messages/count_tokens": {"POST": "count_tokens"},
     "/v1/models": {"GET": "list_models"},
+    "/v1/models/{id}": {"GET": "get_model"},
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
     "/stats": {"GET": "stats"},
 }
-PREFIX_ROUTES = (("/v1/models/", {"GET": "get_model"}),)
 OPEN_ROUTES = frozenset(("status",))
 HTTP_ERROR_TEXT = {
-    408: "the request took too long to arrive",
     414: "the request URL is too long (limit 64 KiB)",
     431: "the request headers are too many or too long", 505: "HTTP version not supported",
 }
 
 
 def find_route(path):
-    methods = ROUTES.get(path)
-    if methods is not None:
-        return methods
-    for prefix, prefixed in PREFIX_ROUTES:
-        if path.startswith(prefix) and len(path) > len(prefix):
-            return prefixed
-    return None
+    """(the route's name, its methods) for a path; (None, None) when there is none."""
+    if path in ROUTES:
+        return path, ROUTES[path]
+    if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+        return "/v1/models/{id}", ROUTES["/v1/models/{id}"]
+    return None, None
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -2908,48 +2390,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             linger_close(self.connection)
 
     def parse_request(self):
-        """http.server's parse_request, with a lean header reader in place of the email
-        package (which costs most of a request's parsing time)."""
-        self.command = None
-        self.request_version = self.default_request_version
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words or not self.parse_request_line(words):
+        """http.server's parse_request, then the checks it does not make."""
+        if not super().parse_request():
             return False
-        try:
-            self.headers = read_headers(self.rfile)
-        except HeaderError as exc:
-            self.send_error(exc.status, str(exc))
+        if self.headers.defects:  # its parser stops at a malformed line, dropping the rest
+            self.send_error(400, "malformed header line in the request")
             return False
-        connection = (self.headers.get("Connection") or "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        expect = (self.headers.get("Expect") or "").lower()
-        if expect == "100-continue" and self.request_version >= "HTTP/1.1":
-            return self.handle_expect_100()
-        return True
-
-    def parse_request_line(self, words):
-        if len(words) == 3:
-            version = words[2]
-            number = http_version(version)
-            if number is None:
-                self.send_error(400, "bad request version %r" % safe_for_log(version, 40))
-                return False
-            if number >= (2, 0):
-                self.send_error(505)
-                return False
-            self.close_connection = number < (1, 1)
-            self.request_version = version
-        elif len(words) != 2 or words[0] != "GET":  # HTTP/0.9 knew only GET
-            self.send_error(400, "bad request syntax")
-            return False
-        self.command, self.path = words[0], words[1]
-        if self.path.startswith("//"):
-            self.path = "/" + self.path.lstrip("/")
         return True
 
     def do_GET(self):
@@ -2961,7 +2407,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         self.ctx = ctx = RequestContext(self.command, server.new_request_id)
         with server.inflight:
-            server.pinning.adjust(server.inflight.count)
             try:
                 self.route()
             except ProxyError as exc:
@@ -2969,12 +2414,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             except ClientGone as exc:
                 self.client_gone(str(exc))
             except socket.timeout:
-                self.client_gone("it sent or read nothing for %g s, CLIENT_TIMEOUT" % self.timeout, "dropped")
+                self.client_gone("it sent or read nothing for %g s, CLIENT_TIMEOUT"
+                                 % self.timeout, "dropped")
             except ConnectionError as exc:
                 self.client_gone(exc.__class__.__name__)
             except Exception:
                 log.error("internal error on %s %s: %s", self.command, safe_for_log(ctx.path),
-                          server.redact(traceback_text()))
+                          server.redact(traceback.format_exc()))
                 self.send_error_response(ProxyError("internal proxy error (request %s); see the "
                                                     "proxy's log" % ctx.ensure_request_id(), 500))
             server.stats.record(ctx)
@@ -2984,11 +2430,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def route(self):
         ctx = self.ctx
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("client %s %s headers %s", self.command, safe_for_log(self.path),
-                      redact_headers(self.headers.items()))
+        log.debug("client %s %s headers %s", self.command, safe_for_log(self.path),
+                  redact_headers(self.headers.items()))
         ctx.path, query = split_target(self.path)
-        methods = find_route(ctx.path)
+        ctx.route, methods = find_route(ctx.path)
         if methods is None:
             raise NotFound("no such route: %s %s. This proxy serves POST /v1/messages, "
                            "/v1/messages/count_tokens, /v1/chat/completions, /v1/responses and "
@@ -3000,7 +2445,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise MethodNotAllowed("%s is not allowed on %s; use %s" % (
                 safe_for_log(self.command), ctx.path, " or ".join(sorted(methods))),
                 headers={"Allow": ", ".join(sorted(methods))})
-        ctx.route = name
         if name not in OPEN_ROUTES:
             self.authorize(verify_user=name == "stats")
         getattr(self, "route_" + name)(query)
@@ -3017,7 +2461,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return value.strip()
         if scheme.lower() == "basic":
             try:
-                return base64.b64decode(value.strip(), validate=True).decode("latin-1").partition(":")[2]
+                return base64.b64decode(value.strip(), validate=True).decode(
+                    "latin-1").partition(":")[2]
             except ValueError:
                 return ""
         return ""
@@ -3056,19 +2501,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if encoding.strip().lower() != "chunked":
                 raise BadRequest("Transfer-Encoding %r is not supported; send Content-Length or "
                                  "chunked" % safe_for_log(encoding))
-            return self.read_chunked(self.server.config.max_body)
-        lengths = header_values(self.headers, "Content-Length")
+            return self.read_chunked()
+        lengths = [v.strip() for v in self.headers.get_all("Content-Length") or []]
         if not lengths:
             raise LengthRequired("a request body needs a Content-Length header (or chunked "
                                  "transfer encoding)")
-        if len(set(lengths)) > 1 or not lengths[0].strip().isdigit():
+        if len(set(lengths)) > 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
             self.close_connection = True
             raise BadRequest("invalid Content-Length header")
         length = int(lengths[0])
         self.check_size(length)
         data = self.rfile.read(length)
         if len(data) < length:
-            raise ClientGone("body ended %d bytes early" % (length - len(data)))
+            self.close_connection = True
+            raise BadRequest("the request body ended after %d of the %d bytes its Content-Length "
+                             "announced; send the whole body" % (len(data), length))
         return data
 
     def check_size(self, length):
@@ -3079,7 +2526,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                   "(MAX_REQUEST_BYTES); shorten the conversation or raise the "
                                   "limit" % (length, limit))
 
-    def read_chunked(self, limit):
+    def read_chunked(self):
         parts, total = [], 0
         while True:
             line = self.rfile.readline(1026)
@@ -3100,21 +2547,26 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return b"".join(parts)
 
     def request_json(self):
-        """The parsed body and the model it asks for, resolved (None if ill-typed: the
-        gateway then says what is wrong)."""
-        body = JsonBody(self.read_body())
-        model = body.get("model")
-        self.ctx.stream = body.get("stream") is True
+        """(raw body, its members, the model it asks for resolved; None if ill-typed:
+        the gateway then says what is wrong)."""
+        raw = self.read_body()
+        members = parse_body(raw)
+        model = members.get("model")
+        self.ctx.stream = members.get("stream") is True
         if model is None or isinstance(model, str):
             self.ctx.model = self.server.catalog.resolve(model or "")
-        return body, self.ctx.model
+        return raw, members, self.ctx.model
 
-    def resolved_body(self, body, renames=()):
-        """The body to send: as received unless the model name (or a key) must change."""
-        model = self.ctx.model
-        if (model is None or body.get("model") == model) and not renames:
-            return body.raw
-        return body.edited({"model": model} if model else {}, renames)
+    def relay_body(self, raw, members, model, completion_tokens=False):
+        """The client's body: as it came, unless the model name (or, for GPT-5, max_tokens)
+        must change."""
+        renames = {}
+        if completion_tokens and needs_completion_tokens(model) \
+                and "max_tokens" in members and "max_completion_tokens" not in members:
+            renames["max_tokens"] = "max_completion_tokens"
+        if model is None or (members.get("model") == model and not renames):
+            return raw
+        return body_with(members, {"model": model}, renames)
 
     # --- routes
 
@@ -3133,7 +2585,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route_list_models(self, query):
         limit, after_id, before_id = parse_page_args(query)
         # Anthropic clients can only use Claude models; OpenAI clients see everything.
-        provider = "anthropic" if self.headers.get("anthropic-version") else None
+        provider = _A if self.headers.get("anthropic-version") else None
         models, has_more = self.server.catalog.page(limit, after_id, before_id, provider)
         self.respond_json(200, models_list_body(models, has_more))
 
@@ -3155,53 +2607,53 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.forward_anthropic("/v1/messages/count_tokens?beta=true")
 
     def forward_anthropic(self, path):
-        body, model = self.request_json()
-        if model and self.server.catalog.provider(model) == "openai":
+        raw, members, model = self.request_json()
+        if model and self.server.catalog.provider(model) == _O:
             raise BadRequest("%s is an OpenAI model; call it through POST /v1/chat/completions "
                              "or /v1/responses" % model)
-        self.forward("anthropic", path, self.resolved_body(body), AnthropicStream)
+        self.forward(_A, path, self.relay_body(raw, members, model))
 
     def route_chat_completions(self, query):
-        self.ctx.dialect = "openai"
-        body, model = self.request_json()
-        if model and self.server.catalog.provider(model) == "openai":
-            renames = {}
-            if "max_tokens" in body.members and "max_completion_tokens" not in body.members \
-                    and needs_completion_tokens(model):
-                renames["max_tokens"] = "max_completion_tokens"
-            return self.forward("openai", "/v1/chat/completions", self.resolved_body(body, renames), OpenAIStream)
-        plan = chat_to_anthropic(body.members, model or self.server.catalog.default_model)
+        self.ctx.dialect = _O
+        raw, members, model = self.request_json()
+        if model and self.server.catalog.provider(model) == _O:
+            return self.forward(_O, "/v1/chat/completions",
+                                self.relay_body(raw, members, model, True))
+        plan = chat_to_anthropic(members, model or self.server.catalog.default_model)
         created = int(time.time())
-        self.forward("anthropic", "/v1/messages", json.dumps(plan.body).encode(),
+        self.forward(_A, "/v1/messages", dump_json(plan.body),
                      lambda usage: ChatStream(plan, usage, created),
                      lambda message: anthropic_to_chat(message, plan, created))
 
     def route_responses(self, query):
-        self.ctx.dialect = "openai"
-        body, model = self.request_json()
-        if model and self.server.catalog.provider(model) != "openai":
-            raise BadRequest("%s is a Claude model: this proxy serves the Responses API for GPT and "
-                             "Codex models only. Call Claude through POST /v1/chat/completions "
-                             "(OpenAI format) or POST /v1/messages (Anthropic format)." % model)
-        self.forward("openai", "/v1/responses", self.resolved_body(body), OpenAIStream)
+        self.ctx.dialect = _O
+        raw, members, model = self.request_json()
+        if model and self.server.catalog.provider(model) != _O:
+            raise BadRequest("%s is a Claude model: this proxy serves the Responses API for GPT "
+                             "and Codex models only. Call Claude through POST "
+                             "/v1/chat/completions (OpenAI format) or POST /v1/messages "
+                             "(Anthropic format)." % model)
+        self.forward(_O, "/v1/responses", self.relay_body(raw, members, model))
 
-    def forward(self, api, path, raw, stream_protocol, transform=None):
-        """Send raw to the gateway's api and answer the client with what comes back:
-        streams through stream_protocol, other answers through transform (if any)."""
-        reply = self.server.upstream.call(self.token_cache(), api, path, raw, self.headers, self.ctx)
+    def forward(self, api, path, body, stream_protocol=None, transform=None):
+        """Send body to the gateway's api and answer the client with what comes back:
+        relayed as it is, or through stream_protocol and transform (translations)."""
+        ctx = self.ctx
+        reply = self.server.upstream.call(self.token_cache(), api, path, body, self.headers, ctx)
         try:
-            self.ctx.request_id = reply.request_id or self.ctx.request_id
+            ctx.request_id = reply.request_id or ctx.request_id
             if reply.status >= 400:
                 raise self.upstream_error(reply, api)
             headers = response_headers_for_client(reply.headers)
             if reply.is_stream:
-                return self.relay_stream(reply, stream_protocol(self.ctx.usage),
-                                         headers if transform is None else [])
+                protocol = (stream_protocol(ctx.usage) if stream_protocol
+                            else RelayedStream(ctx.usage, api))
+                return self.relay_stream(reply, protocol, headers if transform is None else [])
             data = reply.read_all()
             if transform is not None:
                 data, headers = self.transformed(data, transform), []
             else:
-                merge_usage(self.ctx.usage, usage_of(data))
+                merge_usage(ctx.usage, usage_of(data))
             self.respond(reply.status, data, headers)
         finally:
             reply.close()
@@ -3209,26 +2661,22 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def transformed(self, data, transform):
         """transform(the parsed answer) as JSON bytes, its usage noted on the way."""
         try:
-            answer = json.loads(data.decode("utf-8"))
+            answer = parse_json(data)
             merge_usage(self.ctx.usage, answer.get("usage"))
             return json.dumps(transform(answer)).encode()
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, RecursionError):
             raise UpstreamUnreachable("GitLab's AI gateway sent an answer the proxy could not "
                                       "translate") from None
 
-    # --- answers from upstream
-
     def upstream_error(self, reply, api):
         raw = reply.read_all()
-        catalog = self.server.catalog
-        error = translate_gateway_error(reply.status, raw, self.ctx.model, catalog.ids(api),
-                                        upstream=api, dialect=self.ctx.dialect)
+        error = translate_gateway_error(reply.status, raw, self.ctx.model,
+                                        self.server.catalog.ids(api), api, self.ctx.dialect)
         if reply.status in RETRY_STATUSES or reply.status >= 500:
             hinted = retry_after_seconds(reply.headers)
             error.headers.update({"x-should-retry": "true",
                                   "retry-after": "%d" % max(1, math.ceil(hinted or 1))})
         return error
-
 
     def relay_stream(self, reply, protocol, headers):
         ctx = self.ctx
@@ -3241,25 +2689,21 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         extra = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
         extra += [("Transfer-Encoding", "chunked")] if chunked else []
         self.wfile.write(self.head_bytes(reply.status, headers + extra))
-        writer = StreamWriter(self.wfile, chunked)
-        watch = self.server.watcher.watch(self.connection)
-        relay = StreamRelay(reply, writer, protocol, self.server.config, watch)
+        watch = self.server.watcher.watch(self.connection, reply.sock)
+        relay = StreamRelay(reply, self.wfile, chunked, protocol, self.server.config, watch)
         try:
-            watch.bind(reply.conn)
             failure = relay.run()
-            # From here the connection may go back to the pool: a client hanging up now
-            # must not cut it under the next request that uses it.
-            watch.bind(None)
-            if failure:
-                ctx.outcome = "cut: " + failure
-                log.warning("stream %s cut: %s", ctx.ensure_request_id(), failure)
-                reply.close()
-                relay.fail(failure)
-            else:
-                reply.finish()
-            writer.close()
         finally:
+            # Before the connection may go back to the pool: a client hanging up from now
+            # on must not cut it under the next request that uses it.
             self.server.watcher.unwatch(watch)
+        if failure:
+            ctx.outcome = "cut: " + failure
+            log.warning("stream %s cut: %s", ctx.ensure_request_id(), failure)
+            reply.close()
+        else:
+            reply.finish()
+        relay.end(failure)
 
     # --- writing answers
 
@@ -3267,7 +2711,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ctx = self.ctx
         ctx.status, ctx.head_sent = status, True
         lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, "Unknown")),
-                 "Date: " + self.server.http_date(), "Server: " + self.server_version,
+                 "Date: " + email.utils.formatdate(usegmt=True), "Server: " + self.server_version,
                  "request-id: " + ctx.ensure_request_id()]
         lines.extend("%s: %s" % (k, clean_header_value(v)) for k, v in fields)
         headers = getattr(self, "headers", None)  # absent when the request line was unreadable
@@ -3281,7 +2725,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def respond(self, status, body, headers=()):
-        """Headers and body in one write: two small writes could meet Nagle and delayed ACK."""
+        """Headers and body in one write."""
         headers = list(headers)
         if not any(k.lower() == "content-type" for k, _ in headers) and status != 204:
             headers.append(("Content-Type", "application/json"))
@@ -3302,7 +2746,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if exc.retry is not None:
             headers.append(("x-should-retry", "true" if exc.retry else "false"))
         self.ctx.outcome = self.ctx.outcome or exc.message
-        self.respond(exc.status, exc.body(self.ctx.dialect), headers)
+        try:
+            self.respond(exc.status, exc.body(self.ctx.dialect), headers)
+        except OSError as error:
+            self.client_gone(error.__class__.__name__)
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (bad request line, huge headers) as Anthropic JSON."""
@@ -3313,10 +2760,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             text = HTTP_ERROR_TEXT.get(code) or "malformed HTTP request: %s" % (message or "error")
         self.ctx = RequestContext(self.command or "", self.server.new_request_id)
         self.ctx.path = safe_for_log(getattr(self, "path", "") or "-")
-        try:
-            self.send_error_response(ProxyError(text, code))
-        except OSError:
-            pass  # the client is gone already
+        self.send_error_response(ProxyError(text, code))
         self.log_request_line()
 
     def client_gone(self, why, what="closed the connection"):
@@ -3329,16 +2773,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def log_request_line(self):
         ctx = self.ctx
-        ms = (time.monotonic() - ctx.started) * 1000
-        usage = ctx.usage
-        parts = ["%s %s" % (safe_for_log(ctx.method or "-"), safe_for_log(ctx.path or "-")),
-                 "status=%s" % (ctx.status or "-"), "%.0fms" % ms]
+        parts = ["%s %s" % (safe_for_log(ctx.method or "-"), safe_for_log(ctx.path or "-"))]
         if ctx.model:
-            parts.insert(1, "model=%s" % safe_for_log(ctx.model))
+            parts.append("model=%s" % safe_for_log(ctx.model))
+        parts += ["status=%s" % (ctx.status or "-"),
+                  "%.0fms" % ((time.monotonic() - ctx.started) * 1000)]
         if ctx.stream:
             parts.append("stream")
-        if usage:
-            parts.append("in=%s out=%s" % (usage.get("input", "-"), usage.get("output", "-")))
+        if ctx.usage:
+            parts.append("in=%s out=%s" % (ctx.usage.get("input", "-"),
+                                           ctx.usage.get("output", "-")))
         if ctx.refreshed:
             parts.append("token-refreshed")
         if ctx.request_id:
@@ -3377,62 +2821,13 @@ def cors_lines(origin):
             "Access-Control-Expose-Headers: request-id"]
 
 
-def traceback_text():
-    import traceback
-    return traceback.format_exc()
-
-
-# === Server ===
-
-class BusyPinning:
-    """Under load, the threads answering requests move onto one core, and back when the
-    proxy is quiet again.
-
-    Each socket call releases the GIL; with many busy threads spread over cores, nearly
-    every release wakes a thread on another core and the GIL crosses back and forth. On
-    one core the hand-over is a plain switch: a third less CPU per request at 8 busy
-    clients, 40-50% more throughput. Quiet, one core would only add latency (the proxy
-    could not move off a core another program keeps busy), so a thread moves when it
-    starts a request with 4 or more in flight and returns when it starts one alone.
-    Linux only (other systems have no per-thread CPU affinity in Python).
-    """
-
-    PIN_AT, UNPIN_AT = 4, 1
-
-    def __init__(self, enabled=True, get_affinity=None, set_affinity=None):
-        self._get = get_affinity or getattr(os, "sched_getaffinity", None)
-        self._set = set_affinity or getattr(os, "sched_setaffinity", None)
-        self.enabled = bool(enabled and self._get and self._set)
-        self._local = threading.local()
-        if self.enabled:
-            self.all_cpus = frozenset(self._get(0))
-            self.cpu = max(self.all_cpus)  # the last: the first often takes more interrupts
-            self.enabled = len(self.all_cpus) > 1
-
-    def adjust(self, in_flight):
-        """Called as each request starts, in the thread that answers it."""
-        if not self.enabled:
-            return
-        pinned = getattr(self._local, "pinned", False)
-        want = in_flight > self.UNPIN_AT if pinned else in_flight >= self.PIN_AT
-        if want == pinned:
-            return
-        try:
-            self._set(0, {self.cpu} if want else self.all_cpus)
-        except OSError as exc:  # the CPUs allowed changed under us (a container's cpuset)
-            self.enabled = False
-            log.warning("moving busy threads onto one core failed (%s); no longer tried",
-                        exc.strerror or exc)
-            return
-        self._local.pinned = want
-
+# === Server and main ===
 
 class InFlight:
-    """Counts requests being answered, so shutdown can wait for them."""
+    """How many requests are being answered; shutdown waits for them."""
 
     def __init__(self):
         self._cond = threading.Condition(threading.Lock())
-        self._waiting = 0  # notify only when someone waits: most requests end unwatched
         self.count = 0
 
     def __enter__(self):
@@ -3442,20 +2837,17 @@ class InFlight:
     def __exit__(self, *exc):
         with self._cond:
             self.count -= 1
-            if not self.count and self._waiting:
-                self._cond.notify_all()
+            self._cond.notify_all()
 
     def wait_idle(self, timeout):
+        """True once no request is in progress; False after timeout seconds."""
         with self._cond:
-            self._waiting += 1
-            try:
-                return self._cond.wait_for(lambda: self.count == 0, timeout)
-            finally:
-                self._waiting -= 1
+            return self._cond.wait_for(lambda: self.count == 0, timeout)
 
 
 class Stats:
-    """Request, error and token counts per route and model, and upstream latencies."""
+    """Request, error and token counts per route (by its path) and model, and upstream
+    latencies."""
 
     def __init__(self, clock=time.time):
         self._lock = threading.Lock()
@@ -3468,25 +2860,25 @@ class Stats:
     def record(self, ctx):
         failed = int((ctx.status or 500) >= 400)
         with self._lock:
-            counter = self.routes[ctx.route or "other"]
-            counter["requests"] += 1
-            counter["errors"] += failed
-            if ctx.model:
-                counter = self.models[ctx.model]
+            for counter in [self.routes[ctx.route or "other"]] + (
+                    [self.models[ctx.model]] if ctx.model else []):
                 counter["requests"] += 1
                 counter["errors"] += failed
-                for key, value in ctx.usage.items():
-                    counter[key] += value
-            if ctx.upstream_ms is not None:
-                self.latencies.append(ctx.upstream_ms)
+            if ctx.model:
+                self.models[ctx.model].update(ctx.usage)
+            if ctx.upstream_seconds is not None:
+                self.latencies.append(ctx.upstream_seconds * 1000)
 
     def snapshot(self):
         with self._lock:
-            latencies = sorted(self.latencies)
+            ms = sorted(self.latencies)
             routes = {k: dict(v) for k, v in self.routes.items()}
             models = {k: dict(v) for k, v in self.models.items()}
+        latency = {"count": len(ms)}
+        latency.update({"p%d" % q: round(ms[min(len(ms) - 1, len(ms) * q // 100)], 1)
+                        for q in (50, 90, 99) if ms})
         return {"uptime_seconds": int(self._clock() - self.started), "routes": routes,
-                "models": models, "upstream_latency_ms": percentiles(latencies)}
+                "models": models, "upstream_latency_ms": latency}
 
 
 def render_status_page(snap):
@@ -3494,18 +2886,22 @@ def render_status_page(snap):
     esc = html.escape
     token = snap["gateway_token"]
     latency = snap["upstream_latency_ms"]
-    routes = "".join("<tr><td>%s</td><td>%d</td><td>%d</td></tr>" % (
-        esc(name), c.get("requests", 0), c.get("errors", 0)) for name, c in sorted(snap["routes"].items()))
-    models = "".join("<tr><td>%s</td>%s</tr>" % (esc(name), "".join(
-        "<td>%d</td>" % c.get(k, 0) for k in ("requests", "errors", "input", "output", "cache_read", "cache_creation")))
-        for name, c in sorted(snap["models"].items()))
-    token_text = token["state"] + (" (expires in %d min)" % (token["expires_in"] // 60) if "expires_in" in token else "")
+    token_text = token["state"] + (" (expires in %d min)" % (token["expires_in"] // 60)
+                                   if "expires_in" in token else "")
     return STATUS_PAGE % {
         "version": esc(snap["version"]), "uptime": format_duration(snap["uptime_seconds"]),
         "token": esc(token_text), "p50": latency.get("p50", "-"), "p90": latency.get("p90", "-"),
         "p99": latency.get("p99", "-"), "count": latency["count"],
-        "routes": routes or '<tr><td colspan="3">no requests yet</td></tr>',
-        "models": models or '<tr><td colspan="7">no model calls yet</td></tr>'}
+        "routes": html_rows(snap["routes"], ("requests", "errors"), "no requests yet"),
+        "models": html_rows(snap["models"], ("requests", "errors") + TOKEN_KINDS,
+                            "no model calls yet")}
+
+
+def html_rows(table, columns, empty):
+    rows = "".join("<tr><td>%s</td>%s</tr>" % (html.escape(name), "".join(
+        "<td>%d</td>" % counts.get(c, 0) for c in columns)) for name, counts in sorted(
+            table.items()))
+    return rows or '<tr><td colspan="%d">%s</td></tr>' % (len(columns) + 1, empty)
 
 
 def format_duration(seconds):
@@ -3516,37 +2912,33 @@ def format_duration(seconds):
 STATUS_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
 <title>gitlab-duo-proxy</title>
-<style>
-body{font:15px/1.4 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222;padding:0 1em}
-h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
-.cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.6em 1em}
+<style>body{font:15px/1.4 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em}
+.cards{display:flex;gap:1em;flex-wrap:wrap}.card{border:1px solid #ddd;padding:.6em 1em}
 .card b{display:block;font-size:1.3em}table{border-collapse:collapse;width:100%%}
-td,th{border-bottom:1px solid #eee;padding:.3em .6em;text-align:right}td:first-child,th:first-child{text-align:left}
-</style></head><body>
+td,th{border-bottom:1px solid #eee;padding:.3em .6em;text-align:right}
+td:first-child,th:first-child{text-align:left}</style></head><body>
 <h1>gitlab-duo-proxy %(version)s</h1>
 <div class="cards">
 <div class="card">uptime<b id="uptime">%(uptime)s</b></div>
 <div class="card">gateway token<b id="token">%(token)s</b></div>
-<div class="card">upstream latency p50 / p90 / p99<b id="latency">%(p50)s / %(p90)s / %(p99)s ms</b>
-over %(count)s calls</div></div>
-<h2>Requests by route</h2><table id="routes"><tr><th>route</th><th>requests</th><th>errors</th></tr>
+<div class="card">upstream latency p50 / p90 / p99
+<b id="latency">%(p50)s / %(p90)s / %(p99)s ms</b> over %(count)s calls</div></div>
+<h2>Requests by route</h2>
+<table id="routes"><tr><th>route</th><th>requests</th><th>errors</th></tr>
 %(routes)s</table>
-<h2>Tokens by model</h2><table id="models"><tr><th>model</th><th>requests</th><th>errors</th><th>input</th>
-<th>output</th><th>cache read</th><th>cache write</th></tr>
+<h2>Tokens by model</h2><table id="models"><tr><th>model</th><th>requests</th><th>errors</th>
+<th>input</th><th>output</th><th>cache read</th><th>cache write</th></tr>
 %(models)s</table>
 </body></html>
 """
 
 
-def percentiles(values):
-    if not values:
-        return {"count": 0}
-    pick = lambda q: round(values[min(len(values) - 1, int(q * len(values)))], 1)  # noqa: E731
-    return {"count": len(values), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+class ShutdownRequested(Exception):
+    """Raised on the serving thread, between requests, once a signal asked to stop."""
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """The listening proxy: owns config, catalog, token cache, pool and statistics."""
+    """The listening proxy: owns config, catalog, token caches, pool and statistics."""
 
     daemon_threads = True
     request_queue_size = 128
@@ -3557,40 +2949,36 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.catalog = Catalog.from_config(config)
         self.stopping = threading.Event()
+        self.stats = Stats(clock)
         self.pool = ConnectionPool(config)
         self.upstream = Upstream(config, self.pool, self.stopping)
-        self.credentials = None if config.per_user else CredentialSource(config, runner)
-        self.tokens = None if config.per_user else TokenCache(
-            lambda: self.upstream.exchange(self.credentials), clock)
         self.user_tokens = UserTokens(self.upstream, clock) if config.per_user else None
+        credentials = CredentialSource(config, runner)
+        self.tokens = None if config.per_user else TokenCache(
+            lambda: self.upstream.exchange(credentials), clock)
         self.api_key_bytes = config.api_key.encode("utf-8")
         self.tls_context = server_ssl_context(config)
         self.watcher = DisconnectWatcher()
         self.inflight = InFlight()
-        self.pinning = BusyPinning(not config.no_busy_pinning)
-        self.stats = Stats(clock)
         self._cors = frozenset(o.strip() for o in config.cors_origins.split(",") if o.strip())
         self._request_ids = itertools.count(1)
         self._id_prefix = "req_proxy_%s_" % os.urandom(6).hex()
-        self._date = (0, "")
         super().__init__((config.host, config.port), handler_class)
 
-    def get_request(self):
-        sock, address = super().get_request()
-        if self.tls_context is None and KernelTimeoutSocket.available:
-            sock = KernelTimeoutSocket.adopt(sock)
-        return sock, address
+    def service_actions(self):  # serve_forever calls it between requests: a safe point
+        if self.stopping.is_set():
+            raise ShutdownRequested()
+
+    def handle_error(self, request, client_address):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout, ssl.SSLError)):
+            log.debug("connection from %s ended: %s", client_address[0], exc.__class__.__name__)
+        else:
+            log.error("unexpected error serving %s: %s", client_address[0],
+                      self.redact(traceback.format_exc()))
 
     def new_request_id(self):
         return "%s%d" % (self._id_prefix, next(self._request_ids))
-
-    def http_date(self):
-        """The Date header, formatted once a second."""
-        now = int(time.time())
-        cached = self._date
-        if cached[0] != now:
-            cached = self._date = (now, email.utils.formatdate(now, usegmt=True))
-        return cached[1]
 
     @property
     def url(self):
@@ -3604,18 +2992,17 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         return None
 
     def token_state(self):
-        if self.config.per_user:
+        if self.user_tokens is not None:
             return {"state": "per-user", "cached_users": len(self.user_tokens)}
         return self.tokens.state()
 
     def status(self):
         config = self.config
-        token = self.token_state()
         return {"name": NAME, "version": __version__, "status": "ok",
                 "gitlab_instance": config.instance_url, "ai_gateway": config.gateway_base,
-                "anthropic_base": config.gateway_base + ANTHROPIC_PROXY,
+                "anthropic_base": config.gateway_base + PROXY_PATHS[_A],
                 "default_model": self.catalog.default_model, "models": len(self.catalog.models),
-                "gateway_token": token}
+                "gateway_token": self.token_state()}
 
     def stats_snapshot(self):
         snapshot = self.stats.snapshot()
@@ -3626,25 +3013,17 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def redact(self, text):
         """text with every secret the proxy knows, and anything token-shaped, masked."""
         secrets = list(self.config.secrets())
-        current = self.tokens.secret() if self.tokens is not None else None
-        if current:
-            secrets.append(current)
+        if self.tokens is not None and self.tokens.secret():
+            secrets.append(self.tokens.secret())
         for secret in secrets:
             text = text.replace(secret, "[redacted]")
         return redact_patterns(text)
 
     def server_close(self):
+        self.stopping.set()
         super().server_close()
         self.pool.close()
         self.watcher.close()
-
-
-_TOKEN_PATTERNS = re.compile(r"(gl(?:pat|oas|dt|rt|ft|cbt|ptt|soat|agent)-[A-Za-z0-9_.-]{8,}"
-                             r"|(?i:bearer)\s+[A-Za-z0-9_.~+/=-]{8,}|eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_.-]+)")
-
-
-def redact_patterns(text):
-    return _TOKEN_PATTERNS.sub("[redacted]", text)
 
 
 def server_ssl_context(config):
@@ -3658,64 +3037,150 @@ def server_ssl_context(config):
     return context
 
 
-class UserTokens:
-    """Team mode: one token cache per GitLab user, keyed by a hash of their token,
-    least recently used dropped first."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log line: time, level, message (and a traceback, if any)."""
 
-    def __init__(self, upstream, clock=time.time, max_users=256):
-        self._upstream = upstream
-        self._clock = clock
-        self._max = max_users
-        self._lock = threading.Lock()
-        self._caches = collections.OrderedDict()
-
-    def __len__(self):
-        return len(self._caches)
-
-    def get(self, gitlab_token):
-        import hashlib  # team mode only; it costs most of a megabyte
-        key = hashlib.sha256(gitlab_token.encode("utf-8", "replace")).hexdigest()
-        with self._lock:
-            cache = self._caches.get(key)
-            if cache is None:
-                source = FixedCredential(gitlab_token)
-                cache = TokenCache(lambda: self._upstream.exchange(source), self._clock)
-                self._caches[key] = cache
-                while len(self._caches) > self._max:
-                    self._caches.popitem(last=False)
-            else:
-                self._caches.move_to_end(key)
-        return cache
+    def format(self, record):
+        entry = {"time": self.formatTime(record), "level": record.levelname,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
 
 
-class FixedCredential:
-    """A GitLab token a client presented (team mode): nothing to re-read."""
+def log_handler(config, stream=None):
+    """Where log lines go: LOG_FILE, else stream (stderr), as text or JSON."""
+    if config.log_file and stream is None:
+        try:
+            handler = logging.FileHandler(os.path.expanduser(config.log_file), encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("LOG_FILE %s cannot be opened: %s"
+                              % (config.log_file, exc.strerror)) from None
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    return handler
 
-    refreshable = False
 
-    def __init__(self, token):
-        self._token = token
+def setup_logging(config, stream=None):
+    log.handlers[:] = [log_handler(config, stream)]
+    log.setLevel(logging.DEBUG if config.debug else logging.INFO)
+    log.propagate = False
 
-    def get(self):
-        return self._token
 
-    def refresh(self):
-        return False
+def install_signal_handlers(server):
+    """SIGINT/SIGTERM (Ctrl-C, Ctrl-Break on Windows) ask for a graceful stop, a second
+    signal exits at once. The handler only sets an Event: it runs between any two
+    bytecodes of the main thread, where taking a lock or starting a thread could deadlock;
+    serve_forever notices within its poll interval (service_actions)."""
+    def on_signal(signum, frame):
+        if server.stopping.is_set():
+            log.warning("second signal: exiting without waiting")
+            os._exit(1)
+        server.stopping.set()
+    for name in ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), on_signal)
+
+
+def serve(server):
+    """Serve until a signal asks to stop, then give in-flight requests SHUTDOWN_GRACE."""
+    grace = server.config.shutdown_grace
+    try:
+        server.serve_forever(poll_interval=0.25)
+    except ShutdownRequested:
+        pass
+    server.socket.close()  # refuse new connections at once
+    log.info("shutting down: no new connections; waiting up to %gs for %d request(s)",
+             grace, server.inflight.count)
+    if not server.inflight.wait_idle(grace):
+        log.warning("%d request(s) still running after %gs; closing them",
+                    server.inflight.count, grace)
+    server.server_close()
+    log.info("stopped")
+    return 0
+
+
+def add_action_arguments(parser):
+    """Flags that do something other than serve."""
+    group = parser.add_argument_group("actions (instead of serving)")
+    group.add_argument("--check", action="store_true",
+                       help="diagnose: configuration, GitLab, token, Duo token exchange, gateway")
+    group.add_argument("--no-inference", action="store_true",
+                       help="with --check: skip the one-token request to the default model")
+    group.add_argument("--models", dest="check_models", action="store_true",
+                       help="with --check: try every catalog model (one tiny request each)")
+    group.add_argument("--goose-config", nargs="?", const=default_goose_path(), metavar="PATH",
+                       help="write Goose's custom provider file (default: %s)"
+                            % default_goose_path())
+    group.add_argument("--force", action="store_true",
+                       help="with --goose-config: replace a different file")
+    group.add_argument("--print-env", metavar="TOOL", choices=sorted(CLIENT_ENV),
+                       help="print shell exports for %s" % ", ".join(sorted(CLIENT_ENV)))
+    group.add_argument("--shell", choices=("posix", "powershell"), default="posix",
+                       help="with --print-env: syntax of the exports (default: posix)")
+
+
+def run_action(config, args):
+    """--print-env, --goose-config or --check; None when the proxy should serve instead."""
+    if args.print_env:
+        print("\n".join(client_env_lines(config, args.print_env, args.shell)))
+        return 0
+    if args.goose_config:
+        status, message = write_goose_config(config, os.path.expanduser(args.goose_config),
+                                             args.force)
+        print(message, file=sys.stderr if status else sys.stdout)
+        return status
+    if args.check:
+        doctor = Doctor(config, sys.stdout)
+        return 0 if doctor.run(inference=not args.no_inference, models=args.check_models) else 1
+    return None
+
+
+def main(argv=None):
+    """Run the proxy, or one of its actions; the exit status."""
+    try:
+        config, args, warnings = load_config(argv)
+        setup_logging(config)
+        for warning in warnings:
+            log.warning(warning)
+        status = run_action(config, args)
+        if status is not None:
+            return status
+        server = ProxyServer(config)
+    except ConfigError as exc:
+        print("%s: error: %s" % (NAME, exc), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print("%s: error: cannot listen on %s:%s: %s" % (NAME, config.host, config.port,
+                                                         exc.strerror or exc), file=sys.stderr)
+        return 1
+    # Signals are handled before anyone learns the port: a SIGTERM right after the
+    # "listening" line must already mean a graceful stop.
+    install_signal_handlers(server)
+    log.info("%s %s listening on %s -> %s (token from %s)", NAME, __version__, server.url,
+             config.gateway_base, config.token_source or "each client")
+    if not is_loopback(config.host) and not (config.api_key or config.per_user):
+        log.warning("listening on %s WITHOUT a proxy API key (--allow-unauthenticated): anyone "
+                    "who can reach this port uses your GitLab Duo seat and quota", config.host)
+    return serve(server)
 
 
 # === Doctor and client set-up ===
 
 CHECK_MARKS = ("\u2713", "\u2717")
+PING = [{"role": "user", "content": "ping"}]
 
 
 class Doctor:
     """--check: each step prints one line, with a fix on failure; later steps need the
-    earlier ones, so the first failure ends the run."""
+    earlier ones, so the first failure ends the run (except among the model checks)."""
 
     def __init__(self, config, out, runner=None, clock=time.time):
         self.config, self.out, self.clock = config, out, clock
         self.pool = ConnectionPool(config)
-        self.upstream = Upstream(config, self.pool, threading.Event())
+        self.upstream = Upstream(config, self.pool, threading.Event())  # no fallbacks here
         self.credentials = CredentialSource(config, runner)
         self.catalog = Catalog.from_config(config)
         self.payload = None
@@ -3729,7 +3194,8 @@ class Doctor:
     def run(self, inference=True, models=False):
         steps = [self.check_config, self.check_instance]
         if self.config.per_user and not self.config.token_source:
-            self.line(True, "team mode: each client brings its own token; set GITLAB_TOKEN to check one")
+            self.line(True, "team mode: each client brings its own token; set GITLAB_TOKEN to "
+                            "check one")
         else:
             steps += [self.check_token, self.check_exchange]
             steps += [self.check_inference] if inference else []
@@ -3748,105 +3214,105 @@ class Doctor:
 
     def check_config(self):
         config = self.config
-        return self.line(True, "configuration: GitLab %s, gateway %s, default model %s, token from %s"
-                         % (config.instance_url, config.gateway_base, self.catalog.default_model,
-                            config.token_source or "each client"))
-
-    def get(self, path, token=None):
-        """(status, JSON or None, headers) of a GET on the GitLab instance."""
-        fields = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        if token:
-            fields["Authorization"] = "Bearer " + token
-        conn, resp = self.pool.send(self.upstream.gitlab, "GET", self.upstream.gitlab.path + path, b"",
-                                    encode_header_block(fields), self.config.token_timeout)
-        raw = Reply(self.pool, self.upstream.gitlab, conn, resp).read_all()
-        try:
-            return resp.status, json.loads(raw.decode("utf-8")), resp.headers
-        except ValueError:
-            return resp.status, None, resp.headers
+        return self.line(True, "configuration: GitLab %s, gateway %s, default model %s, token "
+                         "from %s" % (config.instance_url, config.gateway_base,
+                                      self.catalog.default_model,
+                                      config.token_source or "each client"))
 
     def check_instance(self):
+        where = self.config.instance_url
         try:
-            status, _, _ = self.get("/api/v4/version")
+            status, _ = self.upstream.gitlab_json("/api/v4/version", None)
         except (OSError, http.client.HTTPException, ProxyError) as exc:
-            reason = exc.message if isinstance(exc, ProxyError) else describe_network_error(exc, self.upstream.gitlab)
-            return self.line(False, "GitLab instance %s is not reachable: %s" % (self.config.instance_url, reason),
-                             "check GITLAB_INSTANCE_URL, your network, HTTPS_PROXY/NO_PROXY and GITLAB_CA_BUNDLE")
+            reason = exc.message if isinstance(exc, ProxyError) else \
+                describe_network_error(exc, self.upstream.gitlab)
+            return self.line(False, "GitLab instance %s is not reachable: %s" % (where, reason),
+                             "check GITLAB_INSTANCE_URL, your network, HTTPS_PROXY/NO_PROXY and "
+                             "GITLAB_CA_BUNDLE")
         if status not in (200, 401, 403):  # the API answers 401 without a token: that is fine
-            return self.line(False, "%s answered HTTP %d for /api/v4/version" % (self.config.instance_url, status),
+            return self.line(False, "%s answered HTTP %d for /api/v4/version" % (where, status),
                              "GITLAB_INSTANCE_URL must be the address of a GitLab instance, e.g. "
                              "https://gitlab.example.com")
-        return self.line(True, "GitLab instance %s is reachable" % self.config.instance_url)
+        return self.line(True, "GitLab instance %s is reachable" % where)
 
     def check_token(self):
         try:
             token = self.credentials.get()
-            status, user, _ = self.get("/api/v4/user", token)
+            status, user = self.upstream.gitlab_json("/api/v4/user", token)
         except ProxyError as exc:
-            return self.line(False, "GitLab token: %s" % exc.message, "fix %s" % self.config.token_source)
+            return self.line(False, "GitLab token: %s" % exc.message,
+                             "fix %s" % self.config.token_source)
         except (OSError, http.client.HTTPException) as exc:
-            return self.line(False, "GitLab token check failed: %s" % describe_network_error(exc, self.upstream.gitlab))
+            return self.line(False, "GitLab token check failed: %s"
+                             % describe_network_error(exc, self.upstream.gitlab))
         if status != 200 or not isinstance(user, dict):
             return self.line(False, "GitLab rejected the token (HTTP %d)" % status,
-                             "create a personal access token with scope api (User settings > Access tokens) "
-                             "and put it in %s" % (self.config.token_source or "GITLAB_TOKEN"))
-        return self.line(True, "token valid: signed in as %s%s" % (user.get("username", "?"), self.scopes(token)))
+                             "create a personal access token with scope api (User settings > "
+                             "Access tokens) and put it in %s"
+                             % (self.config.token_source or "GITLAB_TOKEN"))
+        return self.line(True, "token valid: signed in as %s%s"
+                         % (user.get("username", "?"), self.scopes(token)))
 
     def scopes(self, token):
         try:
-            status, info, _ = self.get("/api/v4/personal_access_tokens/self", token)
-        except (OSError, http.client.HTTPException):
+            status, info = self.upstream.gitlab_json("/api/v4/personal_access_tokens/self", token)
+        except (OSError, http.client.HTTPException, ProxyError):
             return ""
         if status != 200 or not isinstance(info, dict) or not isinstance(info.get("scopes"), list):
             return ""  # an OAuth token, or an instance too old to say
-        scopes = ", ".join(str(x) for x in info["scopes"])
         expiry = " (expires %s)" % info["expires_at"] if info.get("expires_at") else ""
-        return "; token scopes: %s%s" % (scopes, expiry)
+        return "; token scopes: %s%s" % (", ".join(str(x) for x in info["scopes"]), expiry)
 
     def check_exchange(self):
         try:
             self.payload = self.upstream.exchange(self.credentials)
-            token = gateway_token_from(self.payload, self.clock())
+            token = GatewayToken.from_exchange(self.payload, self.clock())
         except ProxyError as exc:
             return self.line(False, "Duo token exchange failed: %s" % exc.message)
-        left = "expires in %d min" % ((token.expires_at - self.clock()) // 60) if token.expires_at else "no expiry given"
-        return self.line(True, "Duo token exchange works (%s, %d gateway headers)" % (left, len(token.headers)))
+        headers = clean_exchange_headers(self.payload.get("headers") or {})
+        return self.line(True, "Duo token exchange works (expires in %d min, %d gateway headers)"
+                         % ((token.expires - self.clock()) // 60, len(headers)))
 
     def tiny_request(self, model):
         """None if the gateway answers model with a one-token reply; else why not."""
+        if self.catalog.provider(model) == _O:
+            api, path, body = _O, "/v1/chat/completions", {"max_completion_tokens": 16,
+                                                            "messages": PING}
+        else:
+            api, path, body = _A, "/v1/messages", {"max_tokens": 1, "messages": PING}
         tokens = TokenCache(lambda: self.payload, self.clock)
         ctx = RequestContext("CHECK", lambda: "doctor")
-        if self.catalog.provider(model) == "openai":
-            api, path = "openai", "/v1/chat/completions"
-            body = {"model": model, "max_completion_tokens": 16, "messages": [{"role": "user", "content": "ping"}]}
-        else:
-            api, path = "anthropic", "/v1/messages"
-            body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
         try:
-            reply = self.upstream.call(tokens, api, path, json.dumps(body).encode(), Headers([]), ctx)
+            reply = self.upstream.call(tokens, api, path, dump_json(dict(body, model=model)),
+                                       http.client.HTTPMessage(), ctx)
             raw = reply.read_all()
         except ProxyError as exc:
             return exc.message
         if reply.status == 200:
             return None
         error = translate_gateway_error(reply.status, raw, model, self.catalog.ids(), api)
-        return "HTTP %d: %s" % (reply.status, json.loads(error.body())["error"]["message"]
-                                if isinstance(error, PassThrough) else error.message)
+        message = error.message
+        if isinstance(error, PassThrough):
+            message = (error_message_of(parse_json_or_none(raw)) or short_text(raw))
+        return "HTTP %d: %s" % (reply.status, message)
 
     def check_inference(self):
         model = self.catalog.default_model
         problem = self.tiny_request(model)
         if problem:
-            return self.line(False, "gateway %s refused %s: %s" % (self.config.gateway_base, model, problem),
-                             "check DEFAULT_MODEL against GitLab's model list, and GITLAB_AI_GATEWAY_URL")
+            return self.line(False, "gateway %s refused %s: %s"
+                             % (self.config.gateway_base, model, problem),
+                             "check DEFAULT_MODEL against GitLab's model list, and "
+                             "GITLAB_AI_GATEWAY_URL")
         return self.line(True, "gateway %s answers with %s" % (self.config.gateway_base, model))
 
     def check_models(self):
         ok = True
         for model in self.catalog.ids():
             problem = self.tiny_request(model)
-            ok = self.line(problem is None, "model %s%s" % (model, ": " + problem if problem else ""),
-                           "remove it with MODELS=-%s, or pick the models GitLab lists" % model) and ok
+            text = "model %s%s" % (model, ": " + problem if problem else "")
+            fix = "remove it with MODELS=-%s, or pick the models GitLab lists" % model
+            ok = self.line(problem is None, text, fix) and ok
         return ok
 
 
@@ -3871,7 +3337,7 @@ def goose_provider(config, catalog):
             "description": "Claude through your GitLab Duo subscription, via gitlab-duo-proxy",
             "api_key_env": "GITLAB_DUO_PROXY_KEY", "base_url": proxy_base_url(config),
             "models": [{"name": m.id, "context_limit": m.context_window} for m in catalog.models
-                       if m.provider == "anthropic"],
+                       if m.provider == _A],
             "supports_streaming": True, "requires_auth": bool(config.api_key or config.per_user),
             "timeout_seconds": 600}
 
@@ -3912,8 +3378,10 @@ CLIENT_ENV = {
     "goose": lambda base, key, c: [
         ("GOOSE_PROVIDER", "anthropic"), ("ANTHROPIC_HOST", base), ("ANTHROPIC_API_KEY", key),
         ("GOOSE_MODEL", c.default_model)],
-    "anthropic-sdk": lambda base, key, c: [("ANTHROPIC_BASE_URL", base), ("ANTHROPIC_API_KEY", key)],
-    "openai-sdk": lambda base, key, c: [("OPENAI_BASE_URL", base + "/v1"), ("OPENAI_API_KEY", key)],
+    "anthropic-sdk": lambda base, key, c: [("ANTHROPIC_BASE_URL", base),
+                                           ("ANTHROPIC_API_KEY", key)],
+    "openai-sdk": lambda base, key, c: [("OPENAI_BASE_URL", base + "/v1"),
+                                        ("OPENAI_API_KEY", key)],
     "codex": lambda base, key, c: [("OPENAI_BASE_URL", base + "/v1"), ("OPENAI_API_KEY", key)],
 }
 
@@ -3928,287 +3396,5 @@ def client_env_lines(config, tool, shell="posix"):
     return ["export %s=%s" % (k, shlex.quote(v)) for k, v in pairs]
 
 
-# === Main ===
-
-def add_action_arguments(parser):
-    """Flags that do something other than serve."""
-    group = parser.add_argument_group("actions (instead of serving)")
-    group.add_argument("--check", action="store_true",
-                       help="diagnose: configuration, GitLab, token, Duo token exchange, gateway")
-    group.add_argument("--no-inference", action="store_true",
-                       help="with --check: skip the one-token request to the default model")
-    group.add_argument("--models", action="store_true",
-                       help="with --check: try every catalog model (one tiny request each)")
-    group.add_argument("--goose-config", nargs="?", const=default_goose_path(), metavar="PATH",
-                       help="write Goose's custom provider file (default: %s)" % default_goose_path())
-    group.add_argument("--force", action="store_true", help="with --goose-config: replace a different file")
-    group.add_argument("--print-env", metavar="TOOL", choices=sorted(CLIENT_ENV),
-                       help="print shell exports for %s" % ", ".join(sorted(CLIENT_ENV)))
-    group.add_argument("--shell", choices=("posix", "powershell"), default="posix",
-                       help="with --print-env: syntax of the exports (default: posix)")
-
-
-class BatchedWrites:
-    """Log lines written by a thread of their own, at most batch_seconds after they were
-    logged, many in one write under load. A request's thread only formats its line: one
-    write per request, each made holding the handler's lock, cost about 0.1 ms of CPU per
-    request with 8 busy clients, in threads queueing for that lock and for the GIL.
-    WARNING and above write all pending lines at once; so do flush() and close() (at
-    exit, logging.shutdown calls both). Only a kill -9 can lose the last moment's lines."""
-
-    batch_seconds = 0.05
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._pending = []
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._writer = None
-
-    def emit(self, record):
-        # Handler.handle holds self.lock here, as _write_pending needs.
-        try:
-            self._pending.append(self.format(record) + self.terminator)
-        except Exception:
-            self.handleError(record)
-            return
-        if record.levelno >= logging.WARNING or self._stop.is_set():
-            self._write_pending()
-        elif len(self._pending) == 1:
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
-                self._writer.start()
-            self._wake.set()
-
-    def _run(self):
-        while self._wake.wait() and not self._stop.wait(self.batch_seconds):
-            self._wake.clear()
-            self.flush()
-
-    def _write_pending(self):
-        lines, self._pending = self._pending, []
-        if lines and self.stream:
-            try:
-                self.stream.write("".join(lines))
-                self.stream.flush()
-            except (OSError, ValueError):
-                self.handleError(logging.makeLogRecord({"msg": "".join(lines)}))
-
-    def flush(self):
-        with self.lock:
-            self._write_pending()
-        super().flush()
-
-    def close(self):
-        with self.lock:
-            self._stop.set()
-            self._write_pending()
-        self._wake.set()
-        super().close()
-
-
-class BatchedStreamHandler(BatchedWrites, logging.StreamHandler):
-    pass
-
-
-class BatchedFileHandler(BatchedWrites, logging.FileHandler):
-    pass
-
-
-def log_handler(config, stream=None):
-    """Where log lines go: LOG_FILE, else stream (stderr), as text or JSON."""
-    if config.log_file and stream is None:
-        try:
-            handler = BatchedFileHandler(os.path.expanduser(config.log_file), encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError("LOG_FILE %s cannot be opened: %s" % (config.log_file, exc.strerror)) from None
-    else:
-        handler = BatchedStreamHandler(stream or sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(TextLogFormatter())
-    return handler
-
-
-def setup_logging(config, stream=None):
-    log.handlers[:] = [log_handler(config, stream)]
-    log.setLevel(logging.DEBUG if config.debug else logging.INFO)
-    log.propagate = False
-    # Our lines show none of these; skipping them (the logging documentation's own advice
-    # under Optimization) saves a system call and a walk up the stack per log line.
-    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
-    logging._srcfile = None
-
-
-class TextLogFormatter(logging.Formatter):
-    """Lines as "%(asctime)s %(levelname)s %(message)s", the date and time of day formatted
-    once a second, and a plain line built without logging's general machinery (a request
-    logs one line: that machinery cost a tenth of the proxy's work per call)."""
-
-    _second = (None, "")
-
-    def __init__(self):
-        super().__init__("%(asctime)s %(levelname)s %(message)s")
-
-    def format(self, record):
-        if record.exc_info or record.exc_text or record.stack_info:
-            return super().format(record)
-        record.message = record.getMessage()
-        record.asctime = self.formatTime(record)
-        return "%s %s %s" % (record.asctime, record.levelname, record.message)
-
-    def formatTime(self, record, datefmt=None):
-        if datefmt:
-            return super().formatTime(record, datefmt)
-        second, text = self._second
-        if second != int(record.created):
-            second = int(record.created)
-            text = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(second))
-            self._second = (second, text)
-        return "%s,%03d" % (text, record.msecs)
-
-
-class JsonLogFormatter(TextLogFormatter):
-    def format(self, record):
-        entry = {"time": self.formatTime(record), "level": record.levelname, "message": record.getMessage()}
-        return json.dumps(entry)
-
-
-class Stopper:
-    """SIGINT/SIGTERM (Ctrl-C, Ctrl-Break on Windows) stop accepting and let requests
-    finish; a second signal exits at once.
-
-    The work is done by a thread reading the signal wake-up socket, not by the Python
-    signal handler: that handler runs only when the main thread gets to it, and while the
-    server runs on a thread of its own the main thread may sleep through a signal.
-    """
-
-    SIGNALS = ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP")
-
-    def __init__(self, server, grace):
-        self.server, self.grace = server, grace
-        self.count = 0
-        self.lock = threading.Lock()
-
-    def install(self):
-        """Take over the signals (main thread only: elsewhere, nothing to do)."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        receiver, sender = socket.socketpair()
-        sender.setblocking(False)
-        signal.set_wakeup_fd(sender.fileno())
-        for name in self.SIGNALS:
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), lambda signum, frame: None)
-        threading.Thread(target=self.listen, args=(receiver, sender), name="signals", daemon=True).start()
-
-    def listen(self, receiver, sender):
-        while True:
-            received = receiver.recv(64)  # one byte per signal, written by CPython's C handler
-            for _ in received:
-                self.stop()
-
-    def stop(self):
-        with self.lock:
-            self.count += 1
-            if self.count > 1:
-                log.warning("second signal: exiting without waiting")
-                os._exit(1)
-        log.info("shutting down: no new connections; waiting up to %gs for %d request(s)",
-                 self.grace, self.server.inflight.count)
-        self.server.stopping.set()
-        # Called right here (it returns within serve_forever's poll interval): Python 3.12
-        # refuses new threads once the main thread has finished, as it has on POSIX.
-        self.server.shutdown()
-
-
-def serve(server, grace, stopper):
-    """Serve until stopped, then give in-flight requests up to grace seconds."""
-    try:
-        server.serve_forever(poll_interval=0.25)
-    except KeyboardInterrupt:  # only when Stopper could not take over SIGINT
-        stopper.stop()
-    finally:
-        server.socket.close()  # refuse new connections at once
-    if not server.inflight.wait_idle(grace):
-        log.warning("%d request(s) still running after %gs; closing them", server.inflight.count, grace)
-    server.server_close()
-    log.info("stopped")
-    return 0
-
-
-def release_freed_memory(after=None):
-    """Hand freed heap back to the system (glibc only), once thread `after` has ended.
-    A script's syntax tree stays allocated until its last line has run; for this file
-    that is megabytes, freed when the main thread finishes."""
-    if after is not None:
-        after.join()
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc (musl has no malloc_trim): the memory simply stays
-
-
-def run_action(config, args):
-    """--print-env, --goose-config or --check; None when the proxy should serve instead."""
-    if args.print_env:
-        print("\n".join(client_env_lines(config, args.print_env, args.shell)))
-        return 0
-    if args.goose_config:
-        status, message = write_goose_config(config, os.path.expanduser(args.goose_config), args.force)
-        print(message, file=sys.stderr if status else sys.stdout)
-        return status
-    if args.check:
-        ok = Doctor(config, sys.stdout).run(inference=not args.no_inference, models=args.models)
-        return 0 if ok else 1
-    return None
-
-
-def main(argv=None, serve_in_thread=False):
-    """Run the proxy, or one of its actions; the exit status. With serve_in_thread the
-    server runs on a thread of its own and main returns at once (see the end of the file)."""
-    try:
-        config, args, warnings = load_config(argv)
-        setup_logging(config)
-        for warning in warnings:
-            log.warning(warning)
-        status = run_action(config, args)
-        if status is not None:
-            return status
-        server = ProxyServer(config)
-    except ConfigError as exc:
-        print("%s: error: %s" % (NAME, exc), file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print("%s: error: cannot listen on %s:%s: %s" % (NAME, config.host, config.port,
-                                                         exc.strerror or exc), file=sys.stderr)
-        return 1
-    # Signals are handled before anyone learns the port: a SIGTERM right after the
-    # "listening" line must already mean a graceful stop.
-    stopper = Stopper(server, config.shutdown_grace)
-    stopper.install()
-    log.info("%s %s listening on %s -> %s (token from %s)", NAME, __version__, server.url,
-             config.gateway_base, config.token_source or "each client")
-    if not is_loopback(config.host) and not (config.api_key or config.per_user):
-        log.warning("listening on %s WITHOUT a proxy API key (--allow-unauthenticated): anyone "
-                    "who can reach this port uses your GitLab Duo seat and quota", config.host)
-    for handler in log.handlers:
-        handler.flush()  # whoever started the proxy may be waiting for that line
-    if not serve_in_thread:
-        release_freed_memory()
-        return serve(server, config.shutdown_grace, stopper)
-    threading.Thread(target=serve, args=(server, config.shutdown_grace, stopper), name="serve").start()
-    threading.Thread(target=release_freed_memory, args=(threading.main_thread(),), daemon=True).start()
-    return 0
-
-
 if __name__ == "__main__":
-    # CPython keeps a script's syntax tree (megabytes, for this file) until the script's
-    # last line has run. On POSIX the server runs on its own thread so this line returns
-    # (Stopper's thread handles signals meanwhile). Windows serves right here, as that has
-    # only been tried on POSIX. Python 3.12.0 to 3.12.2 refuse to start threads once the
-    # main thread has finished (CPython gh-113964, fixed in 3.12.3), so they serve here too.
-    sys.exit(main(serve_in_thread=os.name == "posix" and not (3, 12) <= sys.version_info[:3] < (3, 12, 3)))
+    sys.exit(main())
