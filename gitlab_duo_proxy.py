@@ -65,9 +65,10 @@ MIB = 1024 * 1024
 Model = collections.namedtuple("Model", "id display_name created_at provider context_window")
 
 _A, _O = "anthropic", "openai"
-# GitLab's list of models changes monthly: MODELS= in the environment replaces or edits
-# this list without touching code. Dates are release dates (approximate for the newest);
-# they order /v1/models. A family name ("opus") means the newest of that family.
+# GitLab's lists as its gateway source had them on 2026-08-22 (PROTOCOL.md §2). They
+# change monthly: MODELS= edits this list without touching code, and model fallback
+# keeps clients working when a name disappears. Dates order /v1/models (approximate for
+# the newest models). A family name ("opus") means the newest of that family.
 MODEL_CATALOG = (
     Model("claude-fable-5", "Claude Fable 5", "2026-08-01T00:00:00Z", _A, 1000000),
     Model("claude-opus-5", "Claude Opus 5", "2026-07-15T00:00:00Z", _A, 1000000),
@@ -79,28 +80,48 @@ MODEL_CATALOG = (
     Model("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z", _A, 200000),
     Model("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z", _A, 200000),
     Model("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z", _A, 200000),
-    Model("gpt-5.2-codex", "GPT-5.2 Codex", "2025-12-18T00:00:00Z", _O, 400000),
+    Model("gpt-5.6-sol", "GPT-5.6 Sol", "2026-07-22T00:00:00Z", _O, 1050000),
+    Model("gpt-5.6-terra", "GPT-5.6 Terra", "2026-07-21T00:00:00Z", _O, 1050000),
+    Model("gpt-5.6-luna", "GPT-5.6 Luna", "2026-07-20T00:00:00Z", _O, 1050000),
+    Model("gpt-5.5-2026-04-23", "GPT-5.5", "2026-04-23T00:00:00Z", _O, 1050000),
+    Model("gpt-5.4-2026-03-05", "GPT-5.4", "2026-03-05T00:00:00Z", _O, 1050000),
+    Model("gpt-5.4-mini", "GPT-5.4 mini", "2026-03-05T00:00:00Z", _O, 400000),
+    Model("gpt-5.4-nano", "GPT-5.4 nano", "2026-03-05T00:00:00Z", _O, 400000),
+    Model("gpt-5.3-codex", "GPT-5.3 Codex", "2026-02-05T00:00:00Z", _O, 400000),
+    Model("gpt-5.2-2025-12-11", "GPT-5.2", "2025-12-11T00:00:00Z", _O, 400000),
     Model("gpt-5.1-2025-11-13", "GPT-5.1", "2025-11-13T00:00:00Z", _O, 400000),
-    Model("gpt-5-codex", "GPT-5 Codex", "2025-09-15T00:00:00Z", _O, 400000),
     Model("gpt-5-mini-2025-08-07", "GPT-5 mini", "2025-08-07T00:00:00Z", _O, 400000),
 )
 # On every 2026 list GitLab published; claude-sonnet-4-5-20250929 retires 2026-11-30.
 DEFAULT_MODEL = "claude-sonnet-4-6"
-# Announced retirements (Anthropic's deprecation table), shown in /v1/models.
-RETIREMENTS = {"claude-sonnet-4-5-20250929": "2026-11-30T00:00:00Z"}
+# Announced deprecations and retirements, shown in /v1/models.
+LIFECYCLE = {"claude-sonnet-4-5-20250929": {"retires_at": "2026-11-30T00:00:00Z"},
+             "gpt-5-mini-2025-08-07": {"deprecated_at": "2026-06-16T00:00:00Z"}}
+FALLBACK_MEMORY = 3600  # seconds a fallback is remembered: a model GitLab adds later is found
 
 _CLAUDE = re.compile(r"^claude-([a-z]+)-(\d+)(?:-(\d{1,2}))?(?:-(\d{8}))?$")
+_CLAUDE_OLD = re.compile(r"^claude-(\d+)(?:-(\d{1,2}))?-([a-z]+)(?:-(\d{8}))?$")  # 3-5-sonnet
+_GPT = re.compile(r"^gpt-(\d+)(?:\.(\d+))?((?:-[a-z]+)*)(?:-(\d{4}-\d{2}-\d{2}))?$")
 _DATE_SUFFIX = re.compile(r"-(?:\d{8}|\d{4}-\d{2}-\d{2})$")
 _SHORT_FAMILY = re.compile(r"^(?:claude-)?([a-z]+)$")
+GPT_FAMILIES = ("codex", "mini", "nano")  # any other GPT is of the plain "gpt" family
 
 
 def model_kind(model_id):
-    """(family, (major, minor, date)) of a Claude model id, e.g. ("opus", (4, 6, ""));
-    None for other names."""
-    match = _CLAUDE.match(model_id)
-    if not match:
-        return None
-    return match.group(1), (int(match.group(2)), int(match.group(3) or 0), match.group(4) or "")
+    """(family, (major, minor, date)) of a model id, e.g. ("opus", (4, 6, "")) or
+    ("codex", (5, 3, "")); None for a name that follows no known pattern."""
+    match = _CLAUDE.match(model_id) or _CLAUDE_OLD.match(model_id)
+    if match and match.re is _CLAUDE:
+        family, major, minor, date = match.groups()
+    elif match:
+        major, minor, family, date = match.groups()
+    else:
+        match = _GPT.match(model_id)
+        if not match:
+            return None
+        major, minor, words, date = match.groups()
+        family = next((w for w in GPT_FAMILIES if w in words.split("-")), "gpt")
+    return family, (int(major), int(minor or 0), date or "")
 
 
 def guess_provider(model_id):
@@ -173,7 +194,7 @@ class Catalog:
         return family or self._dated(name) or self._undated(name) or name
 
     def _dated(self, name):
-        """claude-sonnet-4-5 -> claude-sonnet-4-5-20250929; gpt-5.1 -> gpt-5.1-2025-11-13."""
+        """claude-sonnet-4-5 -> claude-sonnet-4-5-20250929; gpt-5.4 -> gpt-5.4-2026-03-05."""
         dated = [m.id for m in self.models
                  if m.id.startswith(name + "-") and _DATE_SUFFIX.match(m.id[len(name):])]
         return max(dated) if dated else None
@@ -183,12 +204,19 @@ class Catalog:
         base = _DATE_SUFFIX.sub("", name)
         return base if base != name and base in self.by_id else None
 
-    def newest(self, family):
-        """The newest catalog model of a family ("opus"); None if it has none."""
-        members = [m for m in self.models if (model_kind(m.id) or ("",))[0] == family]
+    def newest(self, family, exclude=()):
+        """The newest catalog model of a family ("opus", "codex"); None if it has none."""
+        members = [m for m in self.models if m.id not in exclude
+                   and (model_kind(m.id) or ("",))[0] == family]
         if not members:
             return None
         return max(members, key=lambda m: (model_kind(m.id)[1], m.created_at)).id
+
+    def fallback_for(self, model_id):
+        """What serves a model GitLab does not: the newest other catalog model of its
+        family (claude-opus-5-5 -> claude-opus-5); None for a name of no known family."""
+        kind = model_kind(model_id)
+        return self.newest(kind[0], exclude=(model_id,)) if kind else None
 
     def page(self, limit=20, after_id=None, before_id=None, provider=None):
         """One page of /v1/models, newest first, as (models, has_more)."""
@@ -208,7 +236,7 @@ class Catalog:
 
 
 def duo_chat_name(rest):
-    """GitLab's own client names: duo-chat-opus-4-6, duo-chat-gpt-5-1, duo-chat-gpt-5-mini."""
+    """GitLab's own client names: duo-chat-opus-4-6, duo-chat-gpt-5-4, duo-chat-gpt-5-mini."""
     if rest.startswith("gpt-"):
         return re.sub(r"^gpt-(\d+)-(\d+)", r"gpt-\1.\2", rest)
     return "claude-" + rest
@@ -217,10 +245,11 @@ def duo_chat_name(rest):
 def model_entry(model):
     """A model in Anthropic's schema with OpenAI's fields beside it."""
     created = calendar.timegm(time.strptime(model.created_at, "%Y-%m-%dT%H:%M:%SZ"))
-    retires_at = RETIREMENTS.get(model.id)
+    dates = LIFECYCLE.get(model.id, {})
     return {"type": "model", "id": model.id, "display_name": model.display_name,
             "created_at": model.created_at, "max_input_tokens": model.context_window,
-            "lifecycle": "deprecated" if retires_at else "active", "retires_at": retires_at,
+            "lifecycle": "deprecated" if dates else "active",
+            "deprecated_at": dates.get("deprecated_at"), "retires_at": dates.get("retires_at"),
             "object": "model", "created": created, "owned_by": model.provider}
 
 
@@ -259,6 +288,7 @@ class ProxyError(Exception):
 
     status = 500
     kind = None  # an error type to keep, instead of the one the status implies
+    upstream_status = None  # the HTTP status GitLab answered, when it came from there
 
     def __init__(self, message, status=None, headers=None, retry=None):
         super().__init__(message)
@@ -386,6 +416,18 @@ def is_openai_error(obj):
             and isinstance(obj["error"].get("message"), str))
 
 
+def gateway_problem(raw):
+    """"unsupported_model", "not_entitled" or None: gateway answers worth a second try."""
+    obj = parse_json_or_none(raw)
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("error") == "not_entitled" or obj.get("error_code") == "USAGE_QUOTA_NOT_ENTITLED":
+        return "not_entitled"
+    if str(obj.get("detail", "")).lower() == "unsupported model":
+        return "unsupported_model"
+    return None
+
+
 def gateway_error_hint(status, message, obj, model, known_models):
     """What a user can do about a gateway error that is not Anthropic's own."""
     lower = (message or "").lower()
@@ -396,13 +438,17 @@ def gateway_error_hint(status, message, obj, model, known_models):
     if "failed to extract model" in lower:
         return "The request needs a \"model\" string."
     if code == "USAGE_QUOTA_EXCEEDED" or "insufficient_credits" in lower:
-        return "Your GitLab Duo credits are used up; ask your GitLab administrator for more."
+        return ("Your GitLab Duo credits are used up. Ask whoever manages your GitLab "
+                "subscription for more; GitLab may keep giving this answer for up to an hour "
+                "after credits are added.")
     if code == "USAGE_QUOTA_NOT_ENTITLED" or "not_entitled" in lower:
-        return ("Your GitLab subscription does not include this; check your Duo "
-                "Pro/Enterprise seat.")
+        return ("This may be temporary: GitLab gives this answer when its billing check fails "
+                "or times out, and the proxy already retried once. If it persists, check that "
+                "your subscription gives you a GitLab Duo seat or Duo Agent Platform credits.")
     if "proxy endpoints are not enabled" in lower:
-        return ("An administrator of your top-level group must allow third-party agents "
-                "(Duo proxy endpoints) for this namespace.")
+        return ("This is an allowlist GitLab operates, not a setting of your group or instance: "
+                "ask GitLab support or your GitLab account team to enable the Duo proxy "
+                "endpoints for it.")
     if "missing x-gitlab" in lower or "mismatch" in lower:
         return "GitLab's headers were not accepted; this is a proxy bug, please report it."
     return GATEWAY_STATUS_HINTS.get(status, "")
@@ -455,28 +501,42 @@ TOKEN_ERROR_HINTS = {
     401: "GitLab rejected the GitLab token (%s): it is invalid, expired or revoked. Create a "
          "personal access token with scope api (or refresh your OAuth token) and set "
          "GITLAB_TOKEN.",
-    403: "GitLab refused a Duo token (%s): Duo is not enabled for this user or instance, or an "
-         "administrator disabled third-party agents / direct connections. Ask your GitLab admin "
-         "to assign a Duo Pro/Enterprise seat and allow third-party agents.",
+    403: "GitLab refused a Duo token (%s): Duo is not enabled for this user. Using third-party "
+         "agents needs a GitLab Duo seat (Pro or Enterprise) or Duo Agent Platform credits; on a "
+         "self-managed instance an administrator must also turn on the feature flag "
+         "agent_platform_claude_code (off by default) and must not have turned off direct "
+         "connections to the AI gateway.",
     429: "GitLab rate-limited the token exchange (%s); retry shortly.",
-    503: "GitLab could not mint a Duo token (%s): check your Duo seat, credits and default Duo "
-         "namespace, then retry.",
 }
+NO_DUO_NAMESPACE = ("GitLab could not mint a Duo token (503: %s): you have no default GitLab "
+                    "Duo namespace. In GitLab, open your user Preferences (/-/profile/"
+                    "preferences), choose a default GitLab Duo namespace (a group where you have "
+                    "Duo), save, and retry.")
+MINT_FAILED = ("GitLab could not mint a Duo token (503: %s). This is often temporary (GitLab "
+               "gives its gateway only a few seconds); retry. If it persists, check your Duo "
+               "seat, credits and default Duo namespace.")
 
 
 def translate_token_error(status, raw, retry_after=None):
     """A failed direct_access exchange as an actionable Anthropic error."""
     obj = parse_json_or_none(raw)
     message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "")
-    if isinstance(obj, dict) and obj.get("error") == "insufficient_scope":
-        return ProxyError("The GitLab token lacks the needed scope (%s). Create a token with "
-                          "scope api." % message, 403, retry=False)
-    template = TOKEN_ERROR_HINTS.get(status)
-    if template is None:
-        return ProxyError("GitLab's token exchange failed with %d (%s); check GITLAB_INSTANCE_URL."
-                          % (status, message), 502)
     headers = {"retry-after": str(int(retry_after + 0.999))} if retry_after is not None else None
-    return ProxyError(template % message, status, headers, retry=status in (429, 503))
+    if isinstance(obj, dict) and obj.get("error") == "insufficient_scope":
+        error = ProxyError("The GitLab token lacks the needed scope (%s). Create a token with "
+                           "scope api." % message, 403, retry=False)
+    elif status == 503:
+        no_namespace = "default gitlab duo namespace" in message.lower()
+        error = ProxyError((NO_DUO_NAMESPACE if no_namespace else MINT_FAILED) % message, 503,
+                           headers, retry=True)
+    elif status in TOKEN_ERROR_HINTS:
+        error = ProxyError(TOKEN_ERROR_HINTS[status] % message, status, headers,
+                           retry=status == 429)
+    else:
+        error = ProxyError("GitLab's token exchange failed with %d (%s); check "
+                           "GITLAB_INSTANCE_URL." % (status, message), 502)
+    error.upstream_status = status
+    return error
 
 
 # === Config ===
@@ -506,6 +566,10 @@ OPTIONS = (
     Option("models", "MODELS", "--catalog", "", "str",
            "model catalog: comma-separated ids replacing the built-in list, or +id / -id "
            "entries that add to or remove from it"),
+    Option("model_fallback", "MODEL_FALLBACK", "--model-fallback", True, "switch",
+           "when GitLab does not serve a model, serve the request with the newest catalog "
+           "model of the same family (remembered for an hour, logged); off returns GitLab's "
+           "error"),
     Option("api_key", "PROXY_API_KEY", "--api-key", "", "secret",
            "key clients must send (x-api-key or Authorization: Bearer); required to listen "
            "beyond loopback"),
@@ -673,7 +737,7 @@ def parse_log_format(text):
 
 PARSERS = {
     "str": lambda v: str(v).strip(), "secret": lambda v: str(v).strip(), "url": parse_url,
-    "port": parse_port, "bool": parse_bool, "int": parse_positive("int"),
+    "port": parse_port, "bool": parse_bool, "switch": parse_bool, "int": parse_positive("int"),
     "float": parse_positive("float"), "prefix": parse_prefix, "logformat": parse_log_format,
 }
 
@@ -691,7 +755,7 @@ def build_arg_parser():
     for opt in OPTIONS:
         if opt.flag is None:
             continue
-        if opt.kind == "bool":
+        if opt.kind in ("bool", "switch"):
             shown = "on" if opt.default else "off"
         else:
             shown = repr(opt.default) if opt.default != "" else "unset"
@@ -699,8 +763,9 @@ def build_arg_parser():
         if opt.kind == "bool":
             parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1",
                                 default=None, help=text)
-        else:
-            parser.add_argument(opt.flag, dest=opt.dest, default=None, metavar=opt.env, help=text)
+        else:  # a switch takes on or off, like its variable
+            metavar = "on|off" if opt.kind == "switch" else opt.env
+            parser.add_argument(opt.flag, dest=opt.dest, default=None, metavar=metavar, help=text)
     add_action_arguments(parser)
     return parser
 
@@ -1073,7 +1138,10 @@ def usage_of(data):
 # === OpenAI translation ===
 
 DEFAULT_MAX_TOKENS = 8192
-REASONING_BUDGETS = {"low": 2048, "medium": 8192, "high": 24576, "xhigh": 32768}
+# OpenAI's reasoning_effort as Anthropic's effort; budgets for models before adaptive thinking.
+EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high",
+           "xhigh": "xhigh", "max": "max"}
+REASONING_BUDGETS = {"low": 2048, "medium": 8192, "high": 24576, "xhigh": 32768, "max": 32768}
 JSON_TOOL = "json_response"  # the forced tool that carries response_format answers
 FINISH_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
                   "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop",
@@ -1093,7 +1161,7 @@ def chat_to_anthropic(req, model):
     json_mode = add_tools(body, req)
     add_sampling(body, req)
     if not json_mode:
-        add_thinking(body, req.get("reasoning_effort"))
+        add_thinking(body, req.get("reasoning_effort"), model)
     stream = req.get("stream") is True
     if stream:
         body["stream"] = True
@@ -1333,22 +1401,50 @@ def add_sampling(body, req):
         body["metadata"] = {"user_id": req["user"][:256]}
 
 
-def add_thinking(body, effort):
-    """reasoning_effort as extended thinking. Not after a tool call: Claude then needs its
-    earlier signed thinking back, which OpenAI clients cannot keep."""
-    if effort is None or effort in ("none", "minimal"):
+def thinking_version(model):
+    """(major, minor) of a Claude model, for which kind of thinking it takes."""
+    kind = model_kind(model) if model.startswith("claude-") else None
+    return kind[1][:2] if kind else (0, 0)
+
+
+def add_thinking(body, effort, model):
+    """reasoning_effort as thinking: adaptive with an effort for Claude 4.6 and later (4.7
+    and the 5-series take nothing else), a token budget for 4.5 and older. Not after a
+    tool call: Claude then needs its earlier signed thinking back, which OpenAI clients
+    cannot keep."""
+    if effort is None or effort == "none":
         return
-    budget = REASONING_BUDGETS.get(effort)
-    if budget is None:
-        raise BadRequest("reasoning_effort must be minimal, low, medium or high")
+    level = EFFORTS.get(effort)
+    if level is None:
+        raise BadRequest("reasoning_effort must be none, minimal, low, medium, high or xhigh")
     last = body["messages"][-1]
     if last["role"] == "user" and any(b["type"] == "tool_result" for b in last["content"]):
         return
-    body["thinking"] = {"type": "enabled", "budget_tokens": budget}
-    body["max_tokens"] += budget
+    version = thinking_version(model)
+    if version >= (4, 6):
+        if level == "xhigh" and version < (4, 7):
+            level = "high"  # 4.6 has no xhigh
+        body["thinking"] = {"type": "adaptive"}
+        body["output_config"] = {"effort": level}
+    else:
+        body["thinking"] = {"type": "enabled", "budget_tokens": REASONING_BUDGETS[level]}
+    body["max_tokens"] += REASONING_BUDGETS[level]  # room for the thinking
     body.pop("temperature", None)  # thinking runs at Claude's own temperature
     if body.get("top_p", 1.0) < 0.95:
         body["top_p"] = 0.95
+
+
+class ChatTranslation:
+    """A chat completions request for a Claude model: translated for whichever model
+    serves it (again, should a fallback change the model)."""
+
+    def __init__(self, req):
+        self.req = req
+        self.plan = None
+
+    def body(self, model):
+        self.plan = chat_to_anthropic(self.req, model)
+        return dump_json(self.plan.body)
 
 
 def finish_reason(stop_reason, json_mode):
@@ -1497,14 +1593,17 @@ def openai_error_frame(message, error_type="api_error"):
 
 
 def needs_completion_tokens(model):
-    """GPT-5 and the o-series refuse max_tokens and want max_completion_tokens."""
-    return model.startswith(("gpt-5", "o1", "o3", "o4"))
+    """GPT-5 and later and the o-series refuse max_tokens and want max_completion_tokens."""
+    match = re.match(r"^(?:gpt-(\d+)|o\d)", model)
+    return bool(match) and (match.group(1) is None or int(match.group(1)) >= 5)
 
 
 # === Credentials and tokens ===
 
-TOKEN_MARGIN = 300          # refresh gateway tokens this many seconds before they expire
+TOKEN_MARGIN = 300          # a gateway token is due this many seconds before it expires
 TOKEN_FALLBACK_TTL = 1500   # GitLab's tokens live ~1 h; without expires_at trust 25 min
+REFRESH_AHEAD = 120         # ...and refreshed in the background this long before it is due
+TEAM_REFRESH_IDLE = 3600    # team mode: refresh ahead only for users seen this recently
 
 
 class CredentialSource:
@@ -1591,9 +1690,10 @@ class FixedCredential:
         return False
 
 
-class GatewayToken(collections.namedtuple("GatewayToken", "token headers expires due")):
-    """A gateway token and the headers that go with it; it serves until `due` (expires_at
-    minus 5 minutes)."""
+class GatewayToken(collections.namedtuple("GatewayToken", "token headers expires due refresh_at")):
+    """A gateway token and the headers that go with it. It serves until `due` (expires_at
+    minus 5 minutes), is refreshed from `refresh_at` on, and may still be used up to
+    `expires` while refreshing fails."""
 
     @classmethod
     def from_exchange(cls, payload, now):
@@ -1611,7 +1711,8 @@ class GatewayToken(collections.namedtuple("GatewayToken", "token headers expires
             due = max(now + (expires - now) / 2, expires - TOKEN_MARGIN)
         else:
             due = expires = now + TOKEN_FALLBACK_TTL
-        return cls(token, token_headers(token, headers), expires, due)
+        refresh_at = due - min(REFRESH_AHEAD, (due - now) / 4)
+        return cls(token, token_headers(token, headers), expires, due, refresh_at)
 
 
 class _Flight:
@@ -1624,9 +1725,14 @@ class _Flight:
 
 
 class TokenCache:
-    """A gateway token shared by all requests, fetched once and refreshed before expiry.
+    """A gateway token shared by all requests: fetched once, then refreshed in the
+    background before it is due (refresh_if_due, called by TokenRefresher), so after the
+    first call no request waits for an exchange.
+
     Single-flight: however many requests find the cache cold, one exchange runs and all
-    of them get its result. Failures are never cached."""
+    of them get its result. Failures are never cached; a failed refresh is retried with
+    backoff while the current token keeps serving until its own expiry.
+    """
 
     def __init__(self, exchange, clock=time.time, wait_timeout=120.0):
         self._exchange = exchange
@@ -1635,26 +1741,55 @@ class TokenCache:
         self._lock = threading.Lock()
         self._token = None
         self._flight = None
+        self._failures = 0      # refreshes failed in a row
+        self._retry_at = 0.0    # the next refresh after a failure, not before
         self.exchanges = 0
+        self.last_used = clock()
 
     def get(self):
+        now = self._clock()
         with self._lock:
+            self.last_used = now
             token = self._token
-            if token is not None and self._clock() < token.due:
-                return token
-            flight, leader = self._flight, self._flight is None
-            if leader:
-                flight = self._flight = _Flight()
-                self.exchanges += 1
+            if token is not None and (now < token.due or (
+                    now < token.expires and (self._flight or self._failures))):
+                return token  # fresh, or being refreshed or retried in the background
+            flight, leader = self._join()
         if leader:
             self._fly(flight)
         if not flight.done.wait(self._wait_timeout):
             raise UpstreamTimeout("the GitLab token exchange is taking too long; retry shortly")
+        if flight.error is None:
+            return flight.token
+        if token is not None and self._clock() < token.expires:
+            return token  # the refresh failed, but this token still works
+        error = copy.copy(flight.error)  # each waiter its own: tracebacks and headers differ
+        error.headers = dict(error.headers)
+        raise error
+
+    def _join(self):
+        """(the exchange in flight, whether the caller must run it); under the lock."""
+        if self._flight is not None:
+            return self._flight, False
+        self._flight = _Flight()
+        self.exchanges += 1
+        return self._flight, True
+
+    def refresh_if_due(self):
+        """Refresh the token now if it is time; True if an exchange ran and succeeded."""
+        now = self._clock()
+        with self._lock:
+            token = self._token
+            if token is None or self._flight or now < max(token.refresh_at, self._retry_at):
+                return False
+            flight, _ = self._join()
+        self._fly(flight)
         if flight.error is not None:
-            error = copy.copy(flight.error)  # each waiter its own: tracebacks and headers differ
-            error.headers = dict(error.headers)
-            raise error
-        return flight.token
+            log.warning("refreshing the gateway token failed (%s); the current token serves "
+                        "until it expires in %d s, next try in %d s",
+                        redact_patterns(flight.error.message),
+                        max(0, token.expires - now), max(0, self._retry_at - self._clock()))
+        return flight.error is None
 
     def _fly(self, flight):
         try:
@@ -1667,7 +1802,10 @@ class TokenCache:
                                       % type(exc).__name__, 502)
         with self._lock:
             if flight.token is not None:
-                self._token = flight.token
+                self._token, self._failures, self._retry_at = flight.token, 0, 0.0
+            else:
+                self._failures += 1
+                self._retry_at = self._clock() + min(300.0, 10.0 * 2 ** (self._failures - 1))
             self._flight = None
         flight.done.set()
 
@@ -1683,12 +1821,18 @@ class TokenCache:
                 self._token = None
 
     def state(self):
-        token, now = self._token, self._clock()
-        if token is None or now >= token.due:
-            state = "not yet fetched" if token is None else "expired"
-            return {"state": state, "exchanges": self.exchanges}
-        return {"state": "valid", "expires_in": int(token.expires - now),
-                "refresh_in": int(token.due - now), "exchanges": self.exchanges}
+        with self._lock:
+            token, failures = self._token, self._failures
+        now = self._clock()
+        if token is None:
+            return {"state": "not yet fetched", "exchanges": self.exchanges}
+        if now >= token.expires:
+            return {"state": "expired", "exchanges": self.exchanges}
+        state = {"state": "valid", "expires_in": int(token.expires - now),
+                 "refresh_in": int(max(0, token.refresh_at - now)), "exchanges": self.exchanges}
+        if failures:
+            state["refresh_failures"] = failures
+        return state
 
 
 class UserTokens:
@@ -1718,6 +1862,45 @@ class UserTokens:
             else:
                 self._caches.move_to_end(key)
         return cache
+
+    def caches(self):
+        """The caches worth refreshing ahead: those of users seen in the last hour."""
+        now = self._clock()
+        with self._lock:
+            caches = list(self._caches.values())
+        return [c for c in caches if now - c.last_used < TEAM_REFRESH_IDLE]
+
+
+class TokenRefresher:
+    """One thread that refreshes gateway tokens before they are due, so requests never
+    wait for an exchange once the first one is done."""
+
+    def __init__(self, caches, stopping, interval=10.0):
+        self._caches = caches  # a callable: the TokenCaches to look after
+        self._stopping = stopping
+        self._interval = interval
+        self._thread = None
+
+    def start(self):
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="token-refresher", daemon=True)
+            self._thread.start()
+
+    def _run(self):
+        while not self._stopping.wait(self._interval):
+            self.tick()
+
+    def tick(self):
+        for cache in self._caches():
+            try:
+                cache.refresh_if_due()
+            except Exception:  # this thread must outlive any one failure
+                log.error("token refresh failed unexpectedly: %s", redact_patterns(
+                    traceback.format_exc()))
+
+    def join(self, timeout):
+        if self._thread is not None:
+            self._thread.join(timeout)
 
 
 # === Upstream ===
@@ -1924,14 +2107,74 @@ class Reply:
             self.resp.close()
 
 
-class Upstream:
-    """Calls GitLab (token exchange) and the AI gateway, with retries and one token
-    refresh per request, before any byte reaches the client."""
+class Payload:
+    """What a request sends upstream: the model it asked for, the model it is sent to,
+    and the body for that model (made again should a fallback change the model)."""
 
-    def __init__(self, config, pool, stopping, rng=random.random):
+    def __init__(self, model, make_body):
+        self.requested = self.model = model
+        self._make_body = make_body
+        self.body = make_body(model)
+
+    def use(self, model):
+        self.model = model
+        self.body = self._make_body(model)
+
+
+class ModelFallbacks:
+    """Which model serves requests for a model GitLab does not serve, remembered for an
+    hour (a model GitLab adds later is then found) and bounded whatever names clients
+    send. Each new fallback is logged once, as a warning."""
+
+    def __init__(self, catalog, enabled=True, clock=time.monotonic, max_entries=256):
+        self.catalog, self.enabled, self._clock = catalog, enabled, clock
+        self._max = max_entries
+        self._lock = threading.Lock()
+        self._known = collections.OrderedDict()  # requested -> (served, until)
+
+    def remembered(self, model):
+        with self._lock:
+            entry = self._known.get(model)
+            if entry is None or entry[1] <= self._clock():
+                self._known.pop(model, None)
+                return None
+            return entry[0]
+
+    def choose(self, requested, rejected):
+        """The model to try after GitLab rejected `rejected` for a request for `requested`
+        (None: no fallback: it is off, the name has no known family, or the fallback
+        itself was rejected)."""
+        if not self.enabled or not requested or rejected != requested:
+            self.forget(requested)
+            return None
+        served = self.catalog.fallback_for(requested)
+        if served is None:
+            return None
+        with self._lock:
+            self._known[requested] = (served, self._clock() + FALLBACK_MEMORY)
+            self._known.move_to_end(requested)
+            while len(self._known) > self._max:
+                self._known.popitem(last=False)
+        log.warning("GitLab does not serve model %s: serving it with %s (the newest of its "
+                    "family) for the next hour; set MODEL_FALLBACK=off to get GitLab's error "
+                    "instead", safe_for_log(requested), served)
+        return served
+
+    def forget(self, requested):
+        with self._lock:
+            self._known.pop(requested, None)
+
+
+class Upstream:
+    """Calls GitLab (token exchange) and the AI gateway: retries, one token refresh, one
+    retry of a transient entitlement failure and one model fallback per request, all
+    before any byte reaches the client."""
+
+    def __init__(self, config, pool, stopping, fallbacks=None, rng=random.random):
         self.config = config
         self.pool = pool
         self.stopping = stopping
+        self.fallbacks = fallbacks or ModelFallbacks(None, enabled=False)
         self.rng = rng
         self.gitlab = Endpoint.parse(config.instance_url)
         self.gateway = Endpoint.parse(config.gateway_base)
@@ -1983,22 +2226,24 @@ class Upstream:
                                   self.config.token_timeout)
         return reply.status, parse_json_or_none(reply.read_all())
 
-    def call(self, tokens, api, path, body, client_headers, ctx):
-        """POST to the gateway; a Reply with any status, after retries and one refresh."""
+    def call(self, tokens, api, path, payload, client_headers, ctx):
+        """POST to the gateway; a Reply with any status, after retries and second tries."""
         full_path = self.gateway.path + PROXY_PATHS[api] + path
         deadline = time.monotonic() + self.config.retry_max_seconds
-        attempt, refreshed = 0, False
+        remembered = self.fallbacks.remembered(payload.model)
+        if remembered:
+            payload.use(remembered)
+        attempt, second_tries = 0, set()
         while True:
             token = tokens.get()
-            outcome = self._attempt(token, api, full_path, body, client_headers, ctx)
-            if isinstance(outcome, Reply) and outcome.status == 401 and not refreshed:
-                outcome.read_all()
-                tokens.invalidate(token)
-                refreshed = ctx.refreshed = True
-                log.info("gateway rejected the token (401); exchanging a new one and replaying")
-                continue
-            if isinstance(outcome, Reply) and outcome.status not in RETRY_STATUSES:
-                return outcome
+            outcome = self._attempt(token, api, full_path, payload.body, client_headers, ctx)
+            if isinstance(outcome, Reply):
+                again = self._second_try(outcome, token, tokens, payload, ctx, second_tries)
+                if again:
+                    second_tries.add(again)
+                    continue
+                if outcome.status not in RETRY_STATUSES:
+                    return outcome
             wait = self._retry_wait(attempt, outcome, deadline)
             if wait is None:
                 if isinstance(outcome, Reply):
@@ -2012,9 +2257,37 @@ class Upstream:
             log.info("gateway %s; retry %d in %.2fs", reason, attempt + 1, wait)
             if isinstance(outcome, Reply):
                 outcome.read_all()
-            if self.stopping.wait(wait):
-                raise ProxyError("the proxy is shutting down", 503, retry=True)
+            self._pause(wait)
             attempt += 1
+
+    def _second_try(self, reply, token, tokens, payload, ctx, done):
+        """Why this answer deserves one more attempt (each reason once per request):
+        "token" after a 401, "entitlement" after a not_entitled 403 (GitLab's billing check
+        fails closed when it times out), "model" when a fallback serves a model GitLab does
+        not. None when it deserves none."""
+        if reply.status == 401 and "token" not in done:
+            reply.read_all()
+            tokens.invalidate(token)
+            ctx.refreshed = True
+            log.info("gateway rejected the token (401); exchanging a new one and replaying")
+            return "token"
+        problem = gateway_problem(reply.read_all()) if reply.status in (400, 403) else None
+        if problem == "not_entitled" and reply.status == 403 and "entitlement" not in done:
+            log.info("gateway answered 403 not_entitled; retrying once in case it was transient")
+            self._pause(backoff_delay(1, self.config.retry_base_delay, rng=self.rng))
+            return "entitlement"
+        if problem == "unsupported_model" and reply.status == 400:
+            # A fallback is chosen only for the model asked for; one that was itself
+            # refused is forgotten instead.
+            served = self.fallbacks.choose(payload.requested, payload.model)
+            if served:
+                payload.use(served)
+                return "model"
+        return None
+
+    def _pause(self, seconds):
+        if self.stopping.wait(seconds):
+            raise ProxyError("the proxy is shutting down", 503, retry=True)
 
     def _attempt(self, token, api, full_path, body, client_headers, ctx):
         headers = dict(token.headers)
@@ -2313,7 +2586,7 @@ class RequestContext:
         self.new_id = new_id
         self.dialect = _A  # the shape errors take: anthropic, or openai on OpenAI routes
         self.path = self.route = self.model = self.status = self.request_id = None
-        self.upstream_seconds = None
+        self.upstream_seconds = self.fallback = None  # fallback: (requested, served) models
         self.stream = self.refreshed = self.head_sent = self.body_read = False
         self.usage = {}
         self.started = time.monotonic()
@@ -2328,6 +2601,7 @@ class RequestContext:
 # Each route by the path /stats shows for it; its methods, and their handlers.
 ROUTES = {
     "/": {"GET": "status", "HEAD": "status"},
+    "/api/hello": {"GET": "hello", "HEAD": "hello"},  # Claude Code's connectivity probe
     "/v1/messages": {"POST": "messages"},
     "/v1/messages/count_tokens": {"POST": "count_tokens"},
     "/v1/models": {"GET": "list_models"},
@@ -2336,7 +2610,7 @@ ROUTES = {
     "/v1/responses": {"POST": "responses"},
     "/stats": {"GET": "stats"},
 }
-OPEN_ROUTES = frozenset(("status",))
+OPEN_ROUTES = frozenset(("status", "hello"))
 HTTP_ERROR_TEXT = {
     414: "the request URL is too long (limit 64 KiB)",
     431: "the request headers are too many or too long", 505: "HTTP version not supported",
@@ -2557,16 +2831,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.ctx.model = self.server.catalog.resolve(model or "")
         return raw, members, self.ctx.model
 
-    def relay_body(self, raw, members, model, completion_tokens=False):
-        """The client's body: as it came, unless the model name (or, for GPT-5, max_tokens)
-        must change."""
-        renames = {}
-        if completion_tokens and needs_completion_tokens(model) \
-                and "max_tokens" in members and "max_completion_tokens" not in members:
-            renames["max_tokens"] = "max_completion_tokens"
-        if model is None or (members.get("model") == model and not renames):
-            return raw
-        return body_with(members, {"model": model}, renames)
+    def relay_payload(self, raw, members, model, completion_tokens=False):
+        """The client's body for a model: as it came, unless the model name (or, for GPT-5
+        and later, max_tokens) must change."""
+        def body_for(name):
+            renames = {}
+            if completion_tokens and name and needs_completion_tokens(name) \
+                    and "max_tokens" in members and "max_completion_tokens" not in members:
+                renames["max_tokens"] = "max_completion_tokens"
+            if name is None or (members.get("model") == name and not renames):
+                return raw
+            return body_with(members, {"model": name}, renames)
+        return Payload(model, body_for)
 
     # --- routes
 
@@ -2578,6 +2854,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return self.respond(200, page, [("Content-Type", "text/html; charset=utf-8"),
                                             ("Cache-Control", "no-store")])
         self.respond_json(200, self.server.status())
+
+    def route_hello(self, query):
+        self.respond_json(200, {"status": "ok"})
 
     def route_stats(self, query):
         self.respond_json(200, self.server.stats_snapshot(), [("Cache-Control", "no-store")])
@@ -2611,19 +2890,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if model and self.server.catalog.provider(model) == _O:
             raise BadRequest("%s is an OpenAI model; call it through POST /v1/chat/completions "
                              "or /v1/responses" % model)
-        self.forward(_A, path, self.relay_body(raw, members, model))
+        self.forward(_A, path, self.relay_payload(raw, members, model))
 
     def route_chat_completions(self, query):
         self.ctx.dialect = _O
         raw, members, model = self.request_json()
         if model and self.server.catalog.provider(model) == _O:
             return self.forward(_O, "/v1/chat/completions",
-                                self.relay_body(raw, members, model, True))
-        plan = chat_to_anthropic(members, model or self.server.catalog.default_model)
+                                self.relay_payload(raw, members, model, True))
+        translation = ChatTranslation(members)
+        payload = Payload(model or self.server.catalog.default_model, translation.body)
         created = int(time.time())
-        self.forward(_A, "/v1/messages", dump_json(plan.body),
-                     lambda usage: ChatStream(plan, usage, created),
-                     lambda message: anthropic_to_chat(message, plan, created))
+        self.forward(_A, "/v1/messages", payload,
+                     lambda usage: ChatStream(translation.plan, usage, created),
+                     lambda message: anthropic_to_chat(message, translation.plan, created))
 
     def route_responses(self, query):
         self.ctx.dialect = _O
@@ -2633,14 +2913,18 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                              "and Codex models only. Call Claude through POST "
                              "/v1/chat/completions (OpenAI format) or POST /v1/messages "
                              "(Anthropic format)." % model)
-        self.forward(_O, "/v1/responses", self.relay_body(raw, members, model))
+        self.forward(_O, "/v1/responses", self.relay_payload(raw, members, model))
 
-    def forward(self, api, path, body, stream_protocol=None, transform=None):
-        """Send body to the gateway's api and answer the client with what comes back:
-        relayed as it is, or through stream_protocol and transform (translations)."""
+    def forward(self, api, path, payload, stream_protocol=None, transform=None):
+        """Send the payload to the gateway's api and answer the client with what comes
+        back: relayed as it is, or through stream_protocol and transform (translations)."""
         ctx = self.ctx
-        reply = self.server.upstream.call(self.token_cache(), api, path, body, self.headers, ctx)
+        reply = self.server.upstream.call(self.token_cache(), api, path, payload, self.headers,
+                                          ctx)
         try:
+            ctx.model = payload.model
+            if payload.model != payload.requested and reply.status < 400:
+                ctx.fallback = (payload.requested, payload.model)
             ctx.request_id = reply.request_id or ctx.request_id
             if reply.status >= 400:
                 raise self.upstream_error(reply, api)
@@ -2776,6 +3060,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         parts = ["%s %s" % (safe_for_log(ctx.method or "-"), safe_for_log(ctx.path or "-"))]
         if ctx.model:
             parts.append("model=%s" % safe_for_log(ctx.model))
+        if ctx.fallback:
+            parts.append("fallback-from=%s" % safe_for_log(ctx.fallback[0]))
         parts += ["status=%s" % (ctx.status or "-"),
                   "%.0fms" % ((time.monotonic() - ctx.started) * 1000)]
         if ctx.stream:
@@ -2845,9 +3131,12 @@ class InFlight:
             return self._cond.wait_for(lambda: self.count == 0, timeout)
 
 
+MAX_FALLBACK_NAMES = 50  # requested names counted apart; clients may send any names at all
+
+
 class Stats:
-    """Request, error and token counts per route (by its path) and model, and upstream
-    latencies."""
+    """Request, error and token counts per route (by its path) and model, fallbacks, and
+    upstream latencies."""
 
     def __init__(self, clock=time.time):
         self._lock = threading.Lock()
@@ -2855,6 +3144,7 @@ class Stats:
         self.started = clock()
         self.routes = collections.defaultdict(collections.Counter)
         self.models = collections.defaultdict(collections.Counter)
+        self.fallbacks = collections.Counter()  # (requested, served) -> requests
         self.latencies = collections.deque(maxlen=2000)
 
     def record(self, ctx):
@@ -2866,19 +3156,30 @@ class Stats:
                 counter["errors"] += failed
             if ctx.model:
                 self.models[ctx.model].update(ctx.usage)
+            if ctx.fallback:
+                self._count_fallback(*ctx.fallback)
             if ctx.upstream_seconds is not None:
                 self.latencies.append(ctx.upstream_seconds * 1000)
+
+    def _count_fallback(self, requested, served):
+        """Under the lock; at most MAX_FALLBACK_NAMES requested names, then "other"."""
+        names = {r for r, _ in self.fallbacks}
+        if requested not in names and len(names) >= MAX_FALLBACK_NAMES:
+            requested = "other"
+        self.fallbacks[(requested, served)] += 1
 
     def snapshot(self):
         with self._lock:
             ms = sorted(self.latencies)
+            fallbacks = [{"requested": r, "served": s, "requests": n}
+                         for (r, s), n in sorted(self.fallbacks.items())]
             routes = {k: dict(v) for k, v in self.routes.items()}
             models = {k: dict(v) for k, v in self.models.items()}
         latency = {"count": len(ms)}
         latency.update({"p%d" % q: round(ms[min(len(ms) - 1, len(ms) * q // 100)], 1)
                         for q in (50, 90, 99) if ms})
         return {"uptime_seconds": int(self._clock() - self.started), "routes": routes,
-                "models": models, "upstream_latency_ms": latency}
+                "models": models, "model_fallbacks": fallbacks, "upstream_latency_ms": latency}
 
 
 def render_status_page(snap):
@@ -2951,11 +3252,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.stats = Stats(clock)
         self.pool = ConnectionPool(config)
-        self.upstream = Upstream(config, self.pool, self.stopping)
+        fallbacks = ModelFallbacks(self.catalog, config.model_fallback, clock)
+        self.upstream = Upstream(config, self.pool, self.stopping, fallbacks)
         self.user_tokens = UserTokens(self.upstream, clock) if config.per_user else None
         credentials = CredentialSource(config, runner)
         self.tokens = None if config.per_user else TokenCache(
             lambda: self.upstream.exchange(credentials), clock)
+        self.refresher = TokenRefresher(self.caches_to_refresh, self.stopping)
         self.api_key_bytes = config.api_key.encode("utf-8")
         self.tls_context = server_ssl_context(config)
         self.watcher = DisconnectWatcher()
@@ -2964,6 +3267,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self._request_ids = itertools.count(1)
         self._id_prefix = "req_proxy_%s_" % os.urandom(6).hex()
         super().__init__((config.host, config.port), handler_class)
+
+    def caches_to_refresh(self):
+        return self.user_tokens.caches() if self.user_tokens is not None else [self.tokens]
+
+    def serve_forever(self, poll_interval=0.5):
+        self.refresher.start()
+        super().serve_forever(poll_interval)
 
     def service_actions(self):  # serve_forever calls it between requests: a safe point
         if self.stopping.is_set():
@@ -3024,6 +3334,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         super().server_close()
         self.pool.close()
         self.watcher.close()
+        self.refresher.join(2.0)
 
 
 def server_ssl_context(config):
@@ -3110,7 +3421,8 @@ def add_action_arguments(parser):
     group.add_argument("--no-inference", action="store_true",
                        help="with --check: skip the one-token request to the default model")
     group.add_argument("--models", dest="check_models", action="store_true",
-                       help="with --check: try every catalog model (one tiny request each)")
+                       help="with --check: try every catalog model (Claude models through "
+                            "count_tokens, which GitLab does not bill)")
     group.add_argument("--goose-config", nargs="?", const=default_goose_path(), metavar="PATH",
                        help="write Goose's custom provider file (default: %s)"
                             % default_goose_path())
@@ -3268,23 +3580,27 @@ class Doctor:
             self.payload = self.upstream.exchange(self.credentials)
             token = GatewayToken.from_exchange(self.payload, self.clock())
         except ProxyError as exc:
-            return self.line(False, "Duo token exchange failed: %s" % exc.message)
+            status = " (HTTP %d)" % exc.upstream_status if exc.upstream_status else ""
+            return self.line(False, "Duo token exchange failed%s: %s" % (status, exc.message))
         headers = clean_exchange_headers(self.payload.get("headers") or {})
         return self.line(True, "Duo token exchange works (expires in %d min, %d gateway headers)"
                          % ((token.expires - self.clock()) // 60, len(headers)))
 
-    def tiny_request(self, model):
-        """None if the gateway answers model with a one-token reply; else why not."""
+    def tiny_request(self, model, free=False):
+        """None if the gateway serves model; else why not. Free: Claude models through
+        count_tokens, whose answer carries no usage, so GitLab does not bill it."""
         if self.catalog.provider(model) == _O:
             api, path, body = _O, "/v1/chat/completions", {"max_completion_tokens": 16,
                                                             "messages": PING}
+        elif free:
+            api, path, body = _A, "/v1/messages/count_tokens?beta=true", {"messages": PING}
         else:
             api, path, body = _A, "/v1/messages", {"max_tokens": 1, "messages": PING}
         tokens = TokenCache(lambda: self.payload, self.clock)
         ctx = RequestContext("CHECK", lambda: "doctor")
+        payload = Payload(model, lambda name: dump_json(dict(body, model=name)))
         try:
-            reply = self.upstream.call(tokens, api, path, dump_json(dict(body, model=model)),
-                                       http.client.HTTPMessage(), ctx)
+            reply = self.upstream.call(tokens, api, path, payload, http.client.HTTPMessage(), ctx)
             raw = reply.read_all()
         except ProxyError as exc:
             return exc.message
@@ -3309,7 +3625,7 @@ class Doctor:
     def check_models(self):
         ok = True
         for model in self.catalog.ids():
-            problem = self.tiny_request(model)
+            problem = self.tiny_request(model, free=True)
             text = "model %s%s" % (model, ": " + problem if problem else "")
             fix = "remove it with MODELS=-%s, or pick the models GitLab lists" % model
             ok = self.line(problem is None, text, fix) and ok

@@ -339,7 +339,29 @@ GATEWAY_PATHS = {  # compared with the query string, exactly
     "/v1/proxy/openai/v1/chat/completions": "chat",
     "/v1/proxy/openai/v1/responses": "responses",
 }
-GATEWAY_MODELS = {m.id for m in gdp.MODEL_CATALOG}
+# GitLab's lists of 2026-08-22 (PROTOCOL.md §2), written out here rather than taken from the
+# catalog under test: the proxy must cope with what GitLab serves, not with itself.
+GATEWAY_MODELS = {
+    "claude-opus-4-5-20251101", "claude-opus-4-6", "claude-opus-4-7", "claude-opus-4-8",
+    "claude-opus-5", "claude-sonnet-5", "claude-fable-5", "claude-sonnet-4-6",
+    "claude-sonnet-4-5-20250929", "claude-haiku-4-5-20251001",
+    "gpt-5.6-sol", "gpt-5.6-terra", "gpt-5.6-luna", "gpt-5.5-2026-04-23", "gpt-5.4-2026-03-05",
+    "gpt-5.2-2025-12-11", "gpt-5.1-2025-11-13", "gpt-5-mini-2025-08-07", "gpt-5.4-mini",
+    "gpt-5.4-nano", "gpt-5.3-codex", "gpt-5", "gpt-5.1"}
+
+
+def thinking_problem(model, thinking):
+    """Anthropic's answer to a thinking setting the model does not take (PROTOCOL.md §3):
+    Opus 4.7 and later, the 5-series and Fable take only adaptive; 4.5 and older never."""
+    if not isinstance(thinking, dict):
+        return None
+    kind = thinking.get("type")
+    version = tuple(int(n) for n in re.findall(r"-(\d+)(?=-|$)", model)[:2]) + (0,)
+    adaptive_only = version[0] >= 5 or version[:2] >= (4, 7)
+    if kind in ("enabled", "disabled") and adaptive_only or kind == "adaptive" and version[:2] < (4, 6):
+        return {"type": "error", "error": {"type": "invalid_request_error", "message":
+                "thinking.type: %r is not supported for %s" % (kind, model)}}
+    return None
 
 
 class FakeGatewayHandler(FakeHandler):
@@ -391,7 +413,8 @@ class FakeGatewayHandler(FakeHandler):
         if kind in ("messages", "count_tokens") and not headers.get("anthropic-version"):
             return 400, {"type": "error", "error": {"type": "invalid_request_error",
                                                     "message": "anthropic-version: header is required"}}
-        return None
+        problem = thinking_problem(model, payload.get("thinking")) if kind == "messages" else None
+        return (400, problem) if problem else None
 
     def default_answer(self, req):
         payload = req.json()
@@ -731,7 +754,11 @@ class CatalogTests(unittest.TestCase):
         self.assertEqual(resolve("duo-chat-haiku-4-5"), "claude-haiku-4-5-20251001")
         self.assertEqual(resolve("duo-chat-gpt-5-1"), "gpt-5.1-2025-11-13")
         self.assertEqual(resolve("duo-chat-gpt-5-mini"), "gpt-5-mini-2025-08-07")
-        self.assertEqual(resolve("duo-chat-gpt-5-2-codex"), "gpt-5.2-codex")
+        self.assertEqual(resolve("duo-chat-gpt-5-2-codex"), "gpt-5.2-codex")  # GitLab's fallback
+        for short in ("2", "4", "5"):  # GitLab's client maps these to the dated ids
+            dated = {"2": "gpt-5.2-2025-12-11", "4": "gpt-5.4-2026-03-05", "5": "gpt-5.5-2026-04-23"}[short]
+            self.assertEqual(resolve("duo-chat-gpt-5-" + short), dated)
+            self.assertEqual(resolve("gpt-5." + short), dated)
 
     def test_unknown_names_go_upstream_unchanged(self):
         self.assertEqual(self.catalog.resolve("claude-next-9"), "claude-next-9")
@@ -832,9 +859,19 @@ class HelperTests(unittest.TestCase):
         self.assertIn("third-party agents", err.message)
         err = gdp.translate_token_error(403, b'{"error":"insufficient_scope","error_description":"d","scope":"api"}')
         self.assertIn("scope", err.message)
-        err = gdp.translate_token_error(503, b'{"message":"Token creation failed"}')
-        self.assertEqual(err.status, 503)
-        self.assertIn("seat", err.message)
+        for text in ("Token creation failed", "Token is missing in response",
+                     "An HTTP error occurred when creating a Direct Access Token."):
+            err = gdp.translate_token_error(503, json.dumps({"message": text}).encode())
+            self.assertEqual((err.status, err.upstream_status), (503, 503))
+            self.assertIn("(503: %s)" % text, err.message)
+            self.assertIn("often temporary", err.message)
+            self.assertIn("seat", err.message)
+        err = gdp.translate_token_error(503, b'{"message":"Missing default GitLab Duo namespace user preference"}')
+        self.assertIn("default GitLab Duo namespace", err.message)
+        self.assertIn("/-/profile/preferences", err.message)
+        err = gdp.translate_token_error(403, b'{"message":"403 Forbidden"}')
+        for fragment in ("Duo seat", "Duo Agent Platform credits", "agent_platform_claude_code"):
+            self.assertIn(fragment, err.message)
         err = gdp.translate_token_error(429, b'{"message":{"error":"This endpoint has been requested too many times."}}', 30)
         self.assertEqual((err.status, err.headers["retry-after"]), (429, "30"))
         self.assertIn("too many times", err.message)
@@ -1126,7 +1163,8 @@ class MessagesTests(ProxyTestCase):
         self.assertEqual(resp.headers["request-id"], "gw-77")
 
     def test_gitlab_shaped_errors_become_anthropic_errors(self):
-        cases = [(402, {"detail": "Proxy endpoints are not enabled for this namespace"}, "billing_error", "administrator"),
+        cases = [(402, {"detail": "Proxy endpoints are not enabled for this namespace"}, "billing_error",
+                  "GitLab support or your GitLab account team"),
                  (403, {"detail": "Gitlab namespace id mismatch"}, "permission_error", "mismatch"),
                  (402, {"error": "insufficient_credits", "error_code": "USAGE_QUOTA_EXCEEDED",
                         "message": "Usage quota exceeded"}, "billing_error", "Usage quota exceeded"),
@@ -1134,7 +1172,8 @@ class MessagesTests(ProxyTestCase):
                         "message": "Not entitled"}, "permission_error", "subscription"),
                  (400, {"message": "something odd"}, "invalid_request_error", "something odd")]
         for status, body, error_type, fragment in cases:
-            self.gateway.script = [lambda h, r, s=status, b=body: h.send_json(s, b)]
+            # Twice: a not_entitled answer is tried once more (it can be transient).
+            self.gateway.script = [lambda h, r, s=status, b=body: h.send_json(s, b)] * 2
             resp = self.post("/v1/messages", SIMPLE)
             self.assertEqual(resp.status, status, body)
             self.assertEqual(resp.error["type"], error_type, body)
@@ -1283,6 +1322,17 @@ class ModelsRouteTests(ProxyTestCase):
         self.assertEqual([m["id"] for m in data["data"]], ["claude-opus-4-8", "claude-haiku-4-5-20251001"])
 
 
+class HelloProbeTests(ProxyTestCase):
+    config_overrides = {"api_key": PROXY_KEY}
+
+    def test_claude_codes_probe_needs_no_key_and_shows_no_usage(self):
+        self.post("/v1/messages", SIMPLE, {"x-api-key": PROXY_KEY})
+        resp = self.request("GET", "/api/hello")
+        self.assertEqual((resp.status, resp.json()), (200, {"status": "ok"}))
+        resp = self.request("HEAD", "/api/hello")
+        self.assertEqual((resp.status, resp.body), (200, b""))
+
+
 class StatusTests(ProxyTestCase):
     def test_status_before_and_after_first_token(self):
         data = self.request("GET", "/").json()
@@ -1306,6 +1356,182 @@ class StatusTests(ProxyTestCase):
         resp = self.request("GET", "/v2/whatever")
         self.assertEqual((resp.status, resp.error["type"]), (404, "not_found_error"))
         self.assertTrue(resp.headers["request-id"].startswith("req_"))
+
+
+class ModelFallbackTests(ProxyTestCase):
+    """GitLab's list moves: a model it does not serve is served by its family's newest."""
+
+    def models_sent(self):
+        return [c.json()["model"] for c in self.gateway_calls()]
+
+    def test_a_newer_name_is_served_by_the_newest_of_its_family_then_remembered(self):
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            resp = self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"))
+            self.assertTrue(self.proxy.inflight.wait_idle(5))  # its log line is written
+        self.assertEqual((resp.status, resp.json()["model"]), (200, "claude-opus-5"))
+        self.assertEqual(self.models_sent(), ["claude-opus-5-5", "claude-opus-5"])
+        (warning,) = [r.getMessage() for r in logs.records if r.levelname == "WARNING"]
+        for fragment in ("claude-opus-5-5", "serving it with claude-opus-5", "MODEL_FALLBACK=off"):
+            self.assertIn(fragment, warning)
+        self.assertIn("model=claude-opus-5 fallback-from=claude-opus-5-5 status=200", logs.output[-1])
+        self.gateway.requests.clear()
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:  # straight to the fallback
+            resp = self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5", stream=True))
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+        self.assertEqual(parse_sse(resp.body)[0][1]["message"]["model"], "claude-opus-5")
+        self.assertEqual(self.models_sent(), ["claude-opus-5"])
+        self.assertEqual([r.levelname for r in logs.records], ["INFO"])  # warned once per model
+        self.assertEqual(self.request("GET", "/stats").json()["model_fallbacks"], [
+            {"requested": "claude-opus-5-5", "served": "claude-opus-5", "requests": 2}])
+        # An hour later GitLab is asked again: it may serve the model by then.
+        self.clock.advance(3601)
+        self.gateway.models.add("claude-opus-5-5")
+        self.gateway.requests.clear()
+        self.assertEqual(self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5")).json()["model"],
+                         "claude-opus-5-5")
+        self.assertEqual(self.models_sent(), ["claude-opus-5-5"])
+
+    def test_fallback_before_a_stream_and_in_every_front_door(self):
+        resp = self.post("/v1/messages?beta=true", dict(SIMPLE, model="claude-sonnet-5-9", stream=True))
+        self.assertEqual(parse_sse(resp.body)[0][1]["message"]["model"], "claude-sonnet-5")
+        self.assertEqual(self.models_sent()[-2:], ["claude-sonnet-5-9", "claude-sonnet-5"])
+        resp = self.request("POST", "/v1/responses", {"model": "gpt-5-codex", "input": "hi", "stream": True})
+        self.assertEqual(resp.body, b"".join(responses_stream("gpt-5.3-codex")))
+        resp = self.request("POST", "/v1/chat/completions", {"model": "gpt-5.2-codex", "max_tokens": 9,
+                                                             "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(resp.json()["model"], "gpt-5.3-codex")
+        self.assertEqual(self.gateway_calls()[-1].json()["max_completion_tokens"], 9)
+
+    def test_a_translated_request_is_translated_again_for_the_model_that_serves_it(self):
+        # haiku 9 would think adaptively; haiku 4.5, which serves it, needs a budget instead.
+        resp = self.request("POST", "/v1/chat/completions", {
+            "model": "claude-haiku-9", "reasoning_effort": "high", "messages": [{"role": "user", "content": "x"}]})
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(resp.json()["model"], "claude-haiku-4-5-20251001")
+        first, second = [c.json() for c in self.gateway_calls()]
+        self.assertEqual(first["thinking"], {"type": "adaptive"})
+        self.assertEqual(second["thinking"], {"type": "enabled", "budget_tokens": 24576})
+
+    def test_no_fallback_when_off_for_unknown_families_or_when_the_fallback_is_refused(self):
+        proxy = self.make_proxy(model_fallback=False)
+        resp = self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"), proxy=proxy)
+        self.assertEqual(resp.status, 400)
+        self.assertIn("GitLab does not serve model 'claude-opus-5-5'", resp.error["message"])
+        resp = self.post("/v1/messages", dict(SIMPLE, model="claude-nonsense-9"))
+        self.assertIn("GitLab does not serve model 'claude-nonsense-9'", resp.error["message"])
+        self.gateway.models.discard("claude-opus-5")
+        self.gateway.requests.clear()
+        resp = self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"))
+        self.assertEqual(resp.status, 400)
+        self.assertEqual(self.models_sent(), ["claude-opus-5-5", "claude-opus-5"])  # one fallback, no more
+        self.assertIsNone(self.proxy.upstream.fallbacks.remembered("claude-opus-5-5"))
+
+    def test_the_switch_through_the_command_line(self):
+        environ = dict(os.environ, GITLAB_TOKEN=GITLAB_TOKEN, GITLAB_INSTANCE_URL=self.gitlab.url,
+                       GITLAB_AI_GATEWAY_URL=self.gateway.url, PORT="0")
+        for argv, status in ((["--model-fallback", "off"], 400), ([], 200)):
+            proc, port = spawn_proxy(self, argv, environ)
+            proxy = type("Address", (), {"server_address": ("127.0.0.1", port)})
+            self.assertEqual(self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"), proxy=proxy).status,
+                             status, argv)
+            proc.terminate()
+            self.assertEqual(proc.wait(10), 0)
+        self.assertFalse(gdp.load_config([], {"GITLAB_TOKEN": "t", "MODEL_FALLBACK": "off"},
+                                         cwd=tempfile.gettempdir())[0].model_fallback)
+
+
+class QuotaAnswerTests(ProxyTestCase):
+    NOT_ENTITLED = {"error": "not_entitled", "error_code": "USAGE_QUOTA_NOT_ENTITLED",
+                    "message": "User is not entitled"}
+
+    def test_not_entitled_is_tried_once_more_then_explained(self):
+        self.gateway.script = [lambda h, r: h.send_json(403, self.NOT_ENTITLED), ok_message]
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)  # the billing check timed out
+        self.assertEqual(len(self.gateway_calls()), 2)
+        self.gateway.script = [lambda h, r: h.send_json(403, self.NOT_ENTITLED)] * 2
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual((resp.status, resp.error["type"]), (403, "permission_error"))
+        for fragment in ("may be temporary", "Duo seat or Duo Agent Platform credits"):
+            self.assertIn(fragment, resp.error["message"])
+
+    def test_both_402s_name_who_can_help(self):
+        self.gateway.script = [lambda h, r: h.send_json(402, {
+            "error": "insufficient_credits", "error_code": "USAGE_QUOTA_EXCEEDED", "message": "Out of credits"})]
+        message = self.post("/v1/messages", SIMPLE).error["message"]
+        self.assertIn("credits are used up", message)
+        self.assertIn("up to an hour", message)
+        for wording in ("namespace", "instance"):
+            self.gateway.script = [lambda h, r, w=wording: h.send_json(402, {
+                "detail": "Proxy endpoints are not enabled for this " + w})]
+            message = self.post("/v1/messages", SIMPLE).error["message"]
+            self.assertIn("allowlist GitLab operates", message)
+            self.assertIn("GitLab support or your GitLab account team", message)
+            self.assertNotIn("administrator", message)
+
+    def test_exchange_failures_say_what_to_do(self):
+        cases = [(503, "Missing default GitLab Duo namespace user preference", "/-/profile/preferences"),
+                 (503, "Token creation failed", "503: Token creation failed"),
+                 (403, "403 Forbidden", "agent_platform_claude_code")]
+        for status, text, fragment in cases:
+            self.gitlab.script = [lambda h, s=status, t=text: h.send_json(s, {"message": t})]
+            resp = self.post("/v1/messages", SIMPLE)
+            self.assertEqual(resp.status, status)
+            self.assertIn(fragment, resp.error["message"])
+
+
+class RefreshAheadTests(ProxyTestCase):
+    def test_after_the_first_call_no_request_waits_for_an_exchange(self):
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.proxy.refresher.tick()
+        self.assertEqual(len(self.exchanges()), 1)  # not due yet
+        self.clock.advance(3600 - gdp.TOKEN_MARGIN - gdp.REFRESH_AHEAD + 1)
+        self.proxy.refresher.tick()
+        self.assertEqual(len(self.exchanges()), 2)  # refreshed ahead, in the background
+        self.clock.advance(gdp.REFRESH_AHEAD)  # the old token would be due now
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.assertEqual(len(self.exchanges()), 2)
+        fresh = self.gateway_calls()[-1].headers["Authorization"]
+        self.assertEqual(fresh, "Bearer " + list(self.duo.issued)[-1])
+
+    def test_a_failed_refresh_keeps_serving_then_the_exchange_error_reaches_requests(self):
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.gitlab.script = [lambda h: h.send_json(503, {"message": "Token creation failed"})] * 10
+        self.clock.advance(3600 - gdp.TOKEN_MARGIN - gdp.REFRESH_AHEAD + 1)
+        with self.assertLogs("gitlab_duo_proxy", "WARNING") as logs:
+            self.proxy.refresher.tick()
+        self.assertIn("refreshing the gateway token failed", logs.output[0])
+        self.assertIn("current token serves until it expires", logs.output[0])
+        for secret in list(self.duo.issued) + [GITLAB_TOKEN]:
+            self.assertNotIn(secret, logs.output[0])
+        self.clock.advance(gdp.REFRESH_AHEAD + 60)  # past due, before expiry: still served, nobody waits
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
+        self.assertEqual(len(self.exchanges()), 2)
+        self.clock.advance(gdp.TOKEN_MARGIN)  # past its own expiry
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual(resp.status, 503)
+        self.assertIn("could not mint a Duo token", resp.error["message"])
+
+    def test_the_refresher_thread_refreshes_by_itself(self):
+        refreshed = threading.Event()
+
+        class Due:
+            def refresh_if_due(self):
+                refreshed.set()
+        stopping = threading.Event()
+        refresher = gdp.TokenRefresher(lambda: [Due()], stopping, interval=0.01)
+        refresher.start()
+        self.addCleanup(refresher.join, 5)
+        self.addCleanup(stopping.set)
+        self.assertTrue(refreshed.wait(5))
+
+    def test_team_mode_refreshes_ahead_only_for_users_seen_in_the_last_hour(self):
+        users = gdp.UserTokens(self.proxy.upstream, clock=self.clock)
+        recent = users.get("glpat-RECENT00000000000000")
+        users.get("glpat-IDLE0000000000000000")  # never used again
+        self.clock.advance(1800)
+        recent.last_used = self.clock()
+        self.clock.advance(1801)
+        self.assertEqual(users.caches(), [recent])
 
 
 class GooseWireTests(ProxyTestCase):
@@ -2208,9 +2434,9 @@ PNG = "data:image/png;base64,iVBORw0KGgo="
 
 
 class ChatTranslationTests(unittest.TestCase):
-    def plan(self, **req):
+    def plan(self, model="claude-sonnet-4-6", **req):
         req.setdefault("messages", [{"role": "user", "content": "hi"}])
-        return gdp.chat_to_anthropic(req, "claude-sonnet-4-6")
+        return gdp.chat_to_anthropic(req, model)
 
     def test_conversation_with_images_tools_and_results(self):
         body = self.plan(messages=[
@@ -2276,11 +2502,23 @@ class ChatTranslationTests(unittest.TestCase):
                 self.plan(response_format=bad)
 
     def test_reasoning_effort_becomes_thinking(self):
-        body = self.plan(reasoning_effort="medium", max_tokens=1000, temperature=0.2).body
+        # Claude 4.5 and older: a budget of thinking tokens
+        body = self.plan(reasoning_effort="medium", max_tokens=1000, temperature=0.2,
+                         model="claude-sonnet-4-5-20250929").body
         self.assertEqual(body["thinking"], {"type": "enabled", "budget_tokens": 8192})
         self.assertEqual(body["max_tokens"], 9192)
         self.assertNotIn("temperature", body)
-        self.assertNotIn("thinking", self.plan(reasoning_effort="minimal").body)
+        self.assertNotIn("output_config", body)
+        # 4.6 and later: adaptive, with the effort (OpenAI's minimal is Anthropic's low)
+        for model, effort, level in (("claude-sonnet-4-6", "medium", "medium"), ("claude-opus-4-7", "high", "high"),
+                                     ("claude-opus-5", "minimal", "low"), ("claude-fable-5", "xhigh", "xhigh"),
+                                     ("claude-opus-4-6", "xhigh", "high"), ("claude-sonnet-5", "low", "low")):
+            body = self.plan(reasoning_effort=effort, max_tokens=1000, model=model).body
+            self.assertEqual((body["thinking"], body["output_config"]), ({"type": "adaptive"}, {"effort": level}))
+            self.assertGreater(body["max_tokens"], 1000)
+        self.assertNotIn("thinking", self.plan(reasoning_effort="none").body)
+        with self.assertRaises(gdp.BadRequest):
+            self.plan(reasoning_effort="extreme")
         after_tool = self.plan(reasoning_effort="high", messages=[
             {"role": "user", "content": "x"},
             {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
@@ -2424,9 +2662,9 @@ class OpenAIRouteTests(ProxyTestCase):
         self.assertEqual(resp.body, b"".join(openai_chat_stream("gpt-5-mini-2025-08-07")))
 
     def test_responses_api(self):
-        resp = self.request("POST", "/v1/responses", {"model": "gpt-5-codex", "input": "hi", "stream": True},
+        resp = self.request("POST", "/v1/responses", {"model": "gpt-5.3-codex", "input": "hi", "stream": True},
                             {"Authorization": "Bearer x"})
-        self.assertEqual(resp.body, b"".join(responses_stream("gpt-5-codex")))
+        self.assertEqual(resp.body, b"".join(responses_stream("gpt-5.3-codex")))
         self.assertEqual(self.gateway_calls()[0].path, "/ai/v1/proxy/openai/v1/responses")
         resp = self.request("POST", "/v1/responses", {"model": "claude-opus-4-6", "input": "hi"})
         self.assertEqual(resp.status, 400)
@@ -2442,11 +2680,11 @@ class OpenAIRouteTests(ProxyTestCase):
         self.assertEqual(resp.json()["error"]["code"], "context_length_exceeded")
         self.gateway.script = [lambda h, r: h.send_json(402, {"error": "insufficient_credits", "error_code":
                                                               "USAGE_QUOTA_EXCEEDED", "message": "quota"})]
-        resp = self.chat({"model": "gpt-5-codex", "messages": [{"role": "user", "content": "x"}]})
+        resp = self.chat({"model": "gpt-5.3-codex", "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual((resp.status, resp.json()["error"]["type"]), (402, "insufficient_quota"))
         gpt_error = {"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": "c"}}
         self.gateway.script = [lambda h, r: h.send_json(400, gpt_error)]
-        resp = self.chat({"model": "gpt-5-codex", "messages": [{"role": "user", "content": "x"}]})
+        resp = self.chat({"model": "gpt-5.3-codex", "messages": [{"role": "user", "content": "x"}]})
         self.assertEqual(resp.json(), gpt_error)
 
     def test_mid_stream_failure_is_an_openai_error_chunk(self):
@@ -2466,9 +2704,10 @@ class OpenAIRouteTests(ProxyTestCase):
     def test_models_list_serves_both_schemas(self):
         data = self.request("GET", "/v1/models", headers={"Authorization": "Bearer x"}).json()
         ids = [m["id"] for m in data["data"]]
-        self.assertIn("gpt-5-codex", ids)
+        self.assertIn("gpt-5.3-codex", ids)
+        self.assertNotIn("gpt-5-codex", ids)  # removed by GitLab on 2026-07-13
         self.assertEqual(data["object"], "list")
-        entry = next(m for m in data["data"] if m["id"] == "gpt-5-codex")
+        entry = next(m for m in data["data"] if m["id"] == "gpt-5.3-codex")
         self.assertEqual((entry["object"], entry["owned_by"], entry["type"]), ("model", "openai", "model"))
         self.assertIsInstance(entry["created"], int)
 
@@ -2525,8 +2764,16 @@ class DoctorTests(ProxyTestCase):
         self.gitlab.script = [lambda h: h.send_json(403, {"message": "403 Forbidden"})]
         ok, text = self.run_doctor()
         self.assertFalse(ok)
-        self.assertIn("\u2717 Duo token exchange failed", text)
+        self.assertIn("\u2717 Duo token exchange failed (HTTP 403)", text)
         self.assertIn("third-party agents", text)
+
+    def test_model_checks_cost_nothing(self):
+        ok, text = self.run_doctor(inference=False, every_model=True)
+        self.assertTrue(ok, text)
+        kinds = {(call.json()["model"].startswith("claude"), call.kind) for call in self.gateway_calls()}
+        self.assertEqual(kinds, {(True, "count_tokens"), (False, "chat")})  # count_tokens has no usage
+        gpt = next(c.json() for c in self.gateway_calls() if c.kind == "chat")
+        self.assertEqual(gpt["max_completion_tokens"], 16)
 
     def test_gateway_refuses_the_default_model(self):
         ok, text = self.run_doctor(default_model="claude-nonexistent-1")
