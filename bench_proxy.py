@@ -52,7 +52,8 @@ def _fake_answers():
     message = json.dumps({"id": "msg_b", "type": "message", "role": "assistant", "model": "claude-sonnet-4-6",
                           "content": [{"type": "text", "text": "ok"}], "stop_reason": "end_turn",
                           "stop_sequence": None, "usage": {"input_tokens": 3, "output_tokens": 1}})
-    return {"token": _http(201, token.encode()), "message": _http(200, message.encode())}
+    return {"token": _http(201, token.encode()), "message": _http(200, message.encode()),
+            "unsupported": _http(400, b'{"detail": "Unsupported model"}')}
 
 
 def _http(status, body, ctype="application/json"):
@@ -138,6 +139,8 @@ def _serve_connection(sock, answers, counters, lock):
             elif path == "/__stats":
                 with lock:
                     sock.sendall(_http(200, json.dumps(counters).encode()))
+            elif b'"model": "random-' in body or b'"model": "claude-opus-7' in body:
+                sock.sendall(answers["unsupported"])  # as GitLab answers names not on its list
             elif b'"stream": true' in body or b'"stream":true' in body:
                 _stream(sock, body)
             else:
@@ -588,8 +591,34 @@ def tls_rows(procs, n):
             row("TLS handshakes per 100 requests (incl. token)", None, handshakes, "", False)]
 
 
+def random_names(port, count, clients=8):
+    """count calls naming random models (some of a known family, some junk); then the
+    sizes of /stats and /metrics."""
+    def worker(n, seed):
+        client = Client(port)
+        for i in range(n):
+            # Half fall back (claude-opus-70-0 ... 77-99: the newest opus serves them), half are junk.
+            name = "claude-opus-%d-%d" % (70 + seed, i % 100) if i % 2 else "random-<%d>\\r\\n%d" % (seed, i)
+            client.call(PROXIED, json.dumps({"model": name, "max_tokens": 5, "messages": []}).encode())
+        client.close()
+    threads = [threading.Thread(target=worker, args=(count // clients, s)) for s in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    sizes = []
+    for path in ("/stats", "/metrics"):
+        client = Client(port)
+        client.send(path, b"", "GET")
+        _, fields = client.head()
+        sizes.append(int(fields[b"content-length"]))
+        client.close()
+    return sizes
+
+
 def load_test():
-    """200 concurrent streams and 2,000 sequential calls: nothing lost, one exchange."""
+    """200 concurrent streams and 2,000 sequential calls: nothing lost, one exchange.
+    Then 100,000 calls naming random models: memory and statistics stay flat."""
     procs = Processes()
     try:
         fake = procs.fake()
@@ -607,12 +636,18 @@ def load_test():
         client.close()
         stats = fake_stats(fake)
         rss1 = proc_memory_mb(proxy.pid)
+        sizes0 = random_names(port, 10000)
+        rss2 = proc_memory_mb(proxy.pid)
+        sizes1 = random_names(port, 100000)
+        rss3 = proc_memory_mb(proxy.pid)
     finally:
         procs.close()
     return [("200 concurrent streams: complete / errors", "%d / %d" % (complete, len(errors))),
             ("2,000 sequential calls: failures", str(failures)),
             ("token exchanges", str(stats["exchanges"])),
-            ("proxy RSS before / peak / after (MB)", "%.1f / %.1f / %.1f" % (rss0 or 0, peak, rss1 or 0))]
+            ("proxy RSS before / peak / after (MB)", "%.1f / %.1f / %.1f" % (rss0 or 0, peak, rss1 or 0)),
+            ("random model names, after 10,000 / 110,000 calls: RSS (MB)", "%.1f / %.1f" % (rss2, rss3)),
+            ("... /stats and /metrics size (bytes)", "%d, %d / %d, %d" % tuple(sizes0 + sizes1))]
 
 
 def machine():

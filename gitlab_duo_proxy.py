@@ -13,7 +13,8 @@ Quick start:
   ANTHROPIC_BASE_URL=http://127.0.0.1:4141 ANTHROPIC_API_KEY=dummy claude
 
 Routes: POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models[/{id}],
-POST /v1/chat/completions, POST /v1/responses, GET /stats, GET|HEAD /.
+POST /v1/chat/completions, POST /v1/responses, GET /stats, GET /metrics,
+GET|HEAD /api/hello, GET|HEAD /.
 
 Settings come from command-line flags, then the environment, then a .env file (next
 to this script and in the working directory, or the one --env-file names).
@@ -53,7 +54,7 @@ import traceback
 import urllib.parse
 import urllib.request
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 # === Catalog ===
 
@@ -289,6 +290,7 @@ class ProxyError(Exception):
     status = 500
     kind = None  # an error type to keep, instead of the one the status implies
     upstream_status = None  # the HTTP status GitLab answered, when it came from there
+    definitive = False  # GitLab rejected the token itself (team mode remembers that)
 
     def __init__(self, message, status=None, headers=None, retry=None):
         super().__init__(message)
@@ -336,6 +338,10 @@ class PayloadTooLarge(ProxyError):
 
 class UpstreamUnreachable(ProxyError):
     status = 502
+
+
+class RateLimited(ProxyError):
+    status = 429
 
 
 class UpstreamTimeout(ProxyError):
@@ -536,6 +542,8 @@ def translate_token_error(status, raw, retry_after=None):
         error = ProxyError("GitLab's token exchange failed with %d (%s); check "
                            "GITLAB_INSTANCE_URL." % (status, message), 502)
     error.upstream_status = status
+    # GitLab said no to the token itself: asking again with it cannot help.
+    error.definitive = status == 401 or "lacks the needed scope" in error.message
     return error
 
 
@@ -586,6 +594,9 @@ OPTIONS = (
            "(SSL_CERT_FILE works too)"),
     Option("max_body", "MAX_REQUEST_BYTES", "--max-request-bytes", 32 * MIB, "int",
            "largest request body accepted (bytes)"),
+    Option("max_connections", "MAX_CONNECTIONS", "--max-connections", 1024, "int",
+           "client connections served at once; beyond it a new connection gets an immediate "
+           "503 and is closed"),
     Option("connect_timeout", "CONNECT_TIMEOUT", "--connect-timeout", 10.0, "float",
            "seconds to connect to GitLab or the gateway"),
     Option("token_timeout", "TOKEN_TIMEOUT", "--token-timeout", 15.0, "float",
@@ -744,7 +755,7 @@ PARSERS = {
 
 def build_arg_parser():
     parser = argparse.ArgumentParser(
-        prog="gitlab_duo_proxy.py", description=__doc__,
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Environment only: GITLAB_TOKEN (%s). Corporate proxies: HTTPS_PROXY, "
                "HTTP_PROXY, NO_PROXY." % OPTIONS[0].help)
@@ -877,6 +888,8 @@ def validate_config(config, args):
                           "cannot be combined with it")
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if config.max_connections < 1:
+        raise ConfigError("MAX_CONNECTIONS must be at least 1")
     if not is_loopback(config.host) and not (config.api_key or config.per_user
                                              or config.allow_unauthenticated):
         raise ConfigError("refusing to listen on %s without PROXY_API_KEY: anyone who reaches "
@@ -1604,6 +1617,9 @@ TOKEN_MARGIN = 300          # a gateway token is due this many seconds before it
 TOKEN_FALLBACK_TTL = 1500   # GitLab's tokens live ~1 h; without expires_at trust 25 min
 REFRESH_AHEAD = 120         # ...and refreshed in the background this long before it is due
 TEAM_REFRESH_IDLE = 3600    # team mode: refresh ahead only for users seen this recently
+TEAM_FORGET_IDLE = 86400    # team mode: forget a user's token after a day unused
+REJECTED_MEMORY = 60        # team mode: a token GitLab rejected is refused this long
+FAILED_EXCHANGES_PER_MINUTE = 10  # team mode: per client address, then 429
 
 
 class CredentialSource:
@@ -1734,10 +1750,11 @@ class TokenCache:
     backoff while the current token keeps serving until its own expiry.
     """
 
-    def __init__(self, exchange, clock=time.time, wait_timeout=120.0):
+    def __init__(self, exchange, clock=time.time, wait_timeout=120.0, on_result=None):
         self._exchange = exchange
         self._clock = clock
         self._wait_timeout = wait_timeout
+        self._on_result = on_result or (lambda ok: None)  # counts exchanges for /metrics
         self._lock = threading.Lock()
         self._token = None
         self._flight = None
@@ -1807,6 +1824,7 @@ class TokenCache:
                 self._failures += 1
                 self._retry_at = self._clock() + min(300.0, 10.0 * 2 ** (self._failures - 1))
             self._flight = None
+        self._on_result(flight.error is None)
         flight.done.set()
 
     def secret(self):
@@ -1819,6 +1837,10 @@ class TokenCache:
         with self._lock:
             if self._token is token:
                 self._token = None
+
+    def expires_in(self):
+        token = self._token
+        return None if token is None else token.expires - self._clock()
 
     def state(self):
         with self._lock:
@@ -1835,40 +1857,132 @@ class TokenCache:
         return state
 
 
-class UserTokens:
-    """Team mode: one token cache per GitLab user, keyed by a hash of their token,
-    least recently used dropped first."""
+class TeamMember:
+    """Team mode: one user's token cache and GitLab username (their token is kept only
+    inside the cache's exchange, for refreshing, and forgotten with it)."""
 
-    def __init__(self, upstream, clock=time.time, max_users=256):
+    def __init__(self, key, cache):
+        self.key, self.cache = key, cache
+        self.username = None  # known once GitLab accepted the token
+
+
+class UserTokens:
+    """Team mode: a token cache per GitLab user, keyed by a SHA-256 of their token.
+
+    Only tokens GitLab accepted are kept (least recently used dropped first, forgotten
+    after a day unused), so clients sending junk cannot push real users out. GitLab's
+    edge blocks an address that keeps sending it invalid tokens, and the whole team shares
+    the proxy's: a token GitLab rejected outright is answered from memory for a minute,
+    and an address whose tokens keep being rejected is throttled. Transient failures
+    (GitLab down or slow) are never remembered.
+    """
+
+    def __init__(self, upstream, clock=time.time, max_users=256, on_result=None):
         self._upstream = upstream
         self._clock = clock
         self._max = max_users
+        self._on_result = on_result
         self._lock = threading.Lock()
-        self._caches = collections.OrderedDict()
+        self._members = collections.OrderedDict()  # key -> TeamMember, least recent first
+        self._pending = {}  # key -> TeamMember whose first exchange has not succeeded yet
+        self._rejected = {}  # key -> (until, the error GitLab's answer gave)
+        self._failures = {}  # client address -> times of its rejected tokens
 
     def __len__(self):
-        return len(self._caches)
+        return len(self._members)
 
-    def get(self, gitlab_token):
+    def get(self, gitlab_token, address):
+        """The TeamMember for a token (401 at once for a token GitLab just rejected; 429
+        for a new token from an address whose tokens keep being rejected)."""
         key = hashlib.sha256(gitlab_token.encode("utf-8", "replace")).hexdigest()
-        with self._lock:
-            cache = self._caches.get(key)
-            if cache is None:
-                source = FixedCredential(gitlab_token)
-                cache = TokenCache(lambda: self._upstream.exchange(source), self._clock)
-                self._caches[key] = cache
-                while len(self._caches) > self._max:
-                    self._caches.popitem(last=False)
-            else:
-                self._caches.move_to_end(key)
-        return cache
-
-    def caches(self):
-        """The caches worth refreshing ahead: those of users seen in the last hour."""
         now = self._clock()
         with self._lock:
-            caches = list(self._caches.values())
-        return [c for c in caches if now - c.last_used < TEAM_REFRESH_IDLE]
+            member = self._members.get(key)
+            if member is not None:
+                self._members.move_to_end(key)
+                return member
+            rejected = self._rejected.get(key)
+            if rejected is not None and now < rejected[0]:
+                raise copy.copy(rejected[1])
+            self._check_address(address, now)
+            member = self._pending.get(key)
+            if member is None:
+                member = self._pending[key] = self._new_member(key, gitlab_token, address)
+            return member
+
+    def _new_member(self, key, gitlab_token, address):
+        source = FixedCredential(gitlab_token)
+        member = TeamMember(key, None)
+
+        def exchange():
+            try:
+                payload = self._upstream.exchange(source)
+            except ProxyError as exc:
+                self._failed(member, exc, address)
+                raise
+            if member.username is None:
+                member.username = self._upstream.username(gitlab_token) or "user-" + key[:8]
+                self._admit(member)
+            return payload
+        member.cache = TokenCache(exchange, self._clock, on_result=self._on_result)
+        return member
+
+    def _check_address(self, address, now):
+        times = self._failures.get(address)
+        while times and times[0] <= now - 60:
+            times.popleft()
+        if times and len(times) >= FAILED_EXCHANGES_PER_MINUTE:
+            wait = int(times[0] + 60 - now) + 1
+            raise RateLimited("GitLab rejected %d tokens from %s in the last minute; new tokens "
+                              "from this address are not tried for %d s (GitLab blocks addresses "
+                              "that keep sending invalid tokens). Check the GitLab token your "
+                              "client sends." % (len(times), address, wait),
+                              headers={"retry-after": str(wait)}, retry=True)
+
+    def _failed(self, member, error, address):
+        """A token whose exchange failed is not kept pending; a definitive rejection (401,
+        or 403 for a missing scope) is remembered, and counts against the address."""
+        now = self._clock()
+        with self._lock:
+            self._pending.pop(member.key, None)
+            if not error.definitive:
+                return
+            self._members.pop(member.key, None)
+            self._rejected[member.key] = (now + REJECTED_MEMORY, error)
+            if member.username is None:
+                times = self._failures.setdefault(address, collections.deque())
+                times.append(now)
+            self._prune(now)
+
+    def _admit(self, member):
+        with self._lock:
+            self._pending.pop(member.key, None)
+            self._members[member.key] = member
+            while len(self._members) > self._max:
+                self._members.popitem(last=False)
+
+    def _prune(self, now):
+        """Drop what has expired: memory stays bounded whatever clients send."""
+        if len(self._rejected) > 1024:
+            self._rejected = {k: v for k, v in self._rejected.items() if v[0] > now}
+        if len(self._failures) > 1024:
+            self._failures = {a: t for a, t in self._failures.items() if t and t[-1] > now - 60}
+
+    def caches(self, refresh_idle=TEAM_REFRESH_IDLE):
+        """The caches worth refreshing ahead (users seen in the last hour); users unseen
+        for a day are forgotten on the way."""
+        now = self._clock()
+        with self._lock:
+            while self._members:
+                oldest = next(iter(self._members.values()))
+                if now - oldest.cache.last_used < TEAM_FORGET_IDLE:
+                    break
+                self._members.popitem(last=False)
+            members = list(self._members.values())
+        return [m.cache for m in members if now - m.cache.last_used < refresh_idle]
+
+    def secrets(self):
+        return [m.cache.secret() for m in list(self._members.values()) if m.cache.secret()]
 
 
 class TokenRefresher:
@@ -2225,6 +2339,15 @@ class Upstream:
         reply = self.pool.request(self.gitlab, "GET", self.gitlab.path + path, None, headers,
                                   self.config.token_timeout)
         return reply.status, parse_json_or_none(reply.read_all())
+
+    def username(self, gitlab_token):
+        """The GitLab username a token belongs to; None when GitLab will not say."""
+        try:
+            status, user = self.gitlab_json("/api/v4/user", gitlab_token)
+        except (OSError, http.client.HTTPException, ProxyError):
+            return None
+        name = user.get("username") if status == 200 and isinstance(user, dict) else None
+        return safe_for_log(name, 64) if isinstance(name, str) and name else None
 
     def call(self, tokens, api, path, payload, client_headers, ctx):
         """POST to the gateway; a Reply with any status, after retries and second tries."""
@@ -2587,6 +2710,7 @@ class RequestContext:
         self.dialect = _A  # the shape errors take: anthropic, or openai on OpenAI routes
         self.path = self.route = self.model = self.status = self.request_id = None
         self.upstream_seconds = self.fallback = None  # fallback: (requested, served) models
+        self.user = None  # team mode: the GitLab username
         self.stream = self.refreshed = self.head_sent = self.body_read = False
         self.usage = {}
         self.started = time.monotonic()
@@ -2609,8 +2733,10 @@ ROUTES = {
     "/v1/chat/completions": {"POST": "chat_completions"},
     "/v1/responses": {"POST": "responses"},
     "/stats": {"GET": "stats"},
+    "/metrics": {"GET": "metrics"},
 }
 OPEN_ROUTES = frozenset(("status", "hello"))
+USAGE_ROUTES = frozenset(("stats", "metrics"))  # in team mode: a token GitLab accepts
 HTTP_ERROR_TEXT = {
     414: "the request URL is too long (limit 64 KiB)",
     431: "the request headers are too many or too long", 505: "HTTP version not supported",
@@ -2637,6 +2763,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def setup(self):
         self.timeout = self.server.config.client_timeout
         self.ctx = RequestContext("", self.server.new_request_id)
+        self.member = None
         self.handshake_failed = False
         tls = self.server.tls_context
         if tls is not None:
@@ -2680,6 +2807,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def dispatch(self):
         server = self.server
         self.ctx = ctx = RequestContext(self.command, server.new_request_id)
+        self.member = None
         with server.inflight:
             try:
                 self.route()
@@ -2720,7 +2848,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 safe_for_log(self.command), ctx.path, " or ".join(sorted(methods))),
                 headers={"Allow": ", ".join(sorted(methods))})
         if name not in OPEN_ROUTES:
-            self.authorize(verify_user=name == "stats")
+            self.authorize(verify_user=name in USAGE_ROUTES)
         getattr(self, "route_" + name)(query)
 
     # --- authentication
@@ -2751,9 +2879,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             if not key:
                 raise Unauthorized("team mode: send your own GitLab token as the API key "
                                    "(x-api-key or Authorization: Bearer)", headers=challenge)
-            self.user_token = key
+            self.member = self.server.user_tokens.get(key, self.client_address[0])
             if verify_user:
-                self.token_cache().get()
+                self.member.cache.get()
         elif config.api_key and not hmac.compare_digest(key.encode("latin-1", "replace"),
                                                          self.server.api_key_bytes):
             raise Unauthorized("missing or wrong proxy API key: send PROXY_API_KEY as x-api-key "
@@ -2761,9 +2889,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                "password)", headers=challenge)
 
     def token_cache(self):
-        if self.server.config.per_user:
-            return self.server.user_tokens.get(self.user_token)
-        return self.server.tokens
+        return self.member.cache if self.member is not None else self.server.tokens
 
     # --- request bodies
 
@@ -2861,6 +2987,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route_stats(self, query):
         self.respond_json(200, self.server.stats_snapshot(), [("Cache-Control", "no-store")])
 
+    def route_metrics(self, query):
+        self.respond(200, self.server.metrics_text().encode("utf-8"), [
+            ("Content-Type", "text/plain; version=0.0.4; charset=utf-8"),
+            ("Cache-Control", "no-store")])
+
     def route_list_models(self, query):
         limit, after_id, before_id = parse_page_args(query)
         # Anthropic clients can only use Claude models; OpenAI clients see everything.
@@ -2919,8 +3050,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """Send the payload to the gateway's api and answer the client with what comes
         back: relayed as it is, or through stream_protocol and transform (translations)."""
         ctx = self.ctx
-        reply = self.server.upstream.call(self.token_cache(), api, path, payload, self.headers,
-                                          ctx)
+        try:
+            reply = self.server.upstream.call(self.token_cache(), api, path, payload,
+                                              self.headers, ctx)
+        finally:  # team mode: whose request this was, once GitLab has accepted their token
+            ctx.user = self.member.username if self.member is not None else None
         try:
             ctx.model = payload.model
             if payload.model != payload.requested and reply.status < 400:
@@ -3069,6 +3203,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if ctx.usage:
             parts.append("in=%s out=%s" % (ctx.usage.get("input", "-"),
                                            ctx.usage.get("output", "-")))
+        if ctx.user:
+            parts.append("user=%s" % ctx.user)
         if ctx.refreshed:
             parts.append("token-refreshed")
         if ctx.request_id:
@@ -3109,77 +3245,151 @@ def cors_lines(origin):
 
 # === Server and main ===
 
-class InFlight:
-    """How many requests are being answered; shutdown waits for them."""
+class Occupancy:
+    """How many requests (or connections) are in progress, with an optional limit;
+    shutdown (and the tests) can wait for it to drop."""
 
-    def __init__(self):
+    def __init__(self, limit=None):
         self._cond = threading.Condition(threading.Lock())
         self.count = 0
+        self.limit = limit
 
-    def __enter__(self):
+    def enter(self):
         with self._cond:
+            if self.limit is not None and self.count >= self.limit:
+                return False
             self.count += 1
+            return True
 
-    def __exit__(self, *exc):
+    def leave(self):
         with self._cond:
             self.count -= 1
             self._cond.notify_all()
 
-    def wait_idle(self, timeout):
-        """True once no request is in progress; False after timeout seconds."""
+    def __enter__(self):
+        self.enter()
+
+    def __exit__(self, *exc):
+        self.leave()
+
+    def wait_until(self, count, timeout):
+        """True once at most `count` are in progress; False after timeout seconds."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.count == 0, timeout)
+            return self._cond.wait_for(lambda: self.count <= count, timeout)
+
+    def wait_idle(self, timeout):
+        return self.wait_until(0, timeout)
 
 
-MAX_FALLBACK_NAMES = 50  # requested names counted apart; clients may send any names at all
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+MAX_MODEL_SERIES = 100    # models that served requests; any others count as "other"
+MAX_FALLBACK_NAMES = 50   # requested names of fallbacks; any others count as "other"
+MAX_USER_SERIES = 1000    # team mode users
 
 
 class Stats:
-    """Request, error and token counts per route (by its path) and model, fallbacks, and
-    upstream latencies."""
+    """What the proxy did, for /stats, the status page and /metrics: bounded whatever
+    clients send. A model gets entries of its own once it has served a request (names
+    that never did count as "other"); fallbacks keep 50 requested names, users 1,000."""
 
     def __init__(self, clock=time.time):
         self._lock = threading.Lock()
         self._clock = clock
         self.started = clock()
-        self.routes = collections.defaultdict(collections.Counter)
-        self.models = collections.defaultdict(collections.Counter)
+        self.requests = collections.Counter()  # (route, model, status) -> requests
+        self.models = {}  # model -> Counter of requests, errors and token kinds
+        self.users = {}   # team mode: username -> the same
         self.fallbacks = collections.Counter()  # (requested, served) -> requests
-        self.latencies = collections.deque(maxlen=2000)
+        self.exchanges = collections.Counter()  # "ok" / "failed" -> token exchanges
+        self.latency = {}  # route -> [cumulative bucket counts, sum of seconds, count]
+        self.recent = collections.deque(maxlen=2000)  # upstream latencies (ms), for percentiles
+        self.rejected_connections = 0
 
     def record(self, ctx):
         failed = int((ctx.status or 500) >= 400)
         with self._lock:
-            for counter in [self.routes[ctx.route or "other"]] + (
-                    [self.models[ctx.model]] if ctx.model else []):
-                counter["requests"] += 1
-                counter["errors"] += failed
-            if ctx.model:
-                self.models[ctx.model].update(ctx.usage)
+            model = self._model_label(ctx)
+            self.requests[(ctx.route or "other", model, str(ctx.status or 0))] += 1
+            if model:
+                self._count(self.models, model, failed, ctx.usage)
+            if ctx.user:
+                user = ctx.user if ctx.user in self.users or len(self.users) < MAX_USER_SERIES \
+                    else "other"
+                self._count(self.users, user, failed, ctx.usage)
             if ctx.fallback:
                 self._count_fallback(*ctx.fallback)
             if ctx.upstream_seconds is not None:
-                self.latencies.append(ctx.upstream_seconds * 1000)
+                self._observe(ctx.route or "other", ctx.upstream_seconds)
+
+    def _model_label(self, ctx):
+        if not ctx.model:
+            return ""
+        if ctx.model in self.models:
+            return ctx.model
+        served = ctx.upstream_seconds is not None and (ctx.status or 500) < 400
+        if served and len(self.models) < MAX_MODEL_SERIES:
+            return ctx.model
+        return "other"
 
     def _count_fallback(self, requested, served):
-        """Under the lock; at most MAX_FALLBACK_NAMES requested names, then "other"."""
         names = {r for r, _ in self.fallbacks}
         if requested not in names and len(names) >= MAX_FALLBACK_NAMES:
             requested = "other"
         self.fallbacks[(requested, served)] += 1
 
-    def snapshot(self):
+    @staticmethod
+    def _count(table, key, failed, usage):
+        counter = table.setdefault(key, collections.Counter())
+        counter["requests"] += 1
+        counter["errors"] += failed
+        counter.update(usage)
+
+    def _observe(self, route, seconds):
+        entry = self.latency.setdefault(route, [[0] * len(LATENCY_BUCKETS), 0.0, 0])
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            entry[0][i] += seconds <= bound
+        entry[1] += seconds
+        entry[2] += 1
+        self.recent.append(seconds * 1000)
+
+    def count_exchange(self, ok):
         with self._lock:
-            ms = sorted(self.latencies)
-            fallbacks = [{"requested": r, "served": s, "requests": n}
-                         for (r, s), n in sorted(self.fallbacks.items())]
-            routes = {k: dict(v) for k, v in self.routes.items()}
-            models = {k: dict(v) for k, v in self.models.items()}
-        latency = {"count": len(ms)}
-        latency.update({"p%d" % q: round(ms[min(len(ms) - 1, len(ms) * q // 100)], 1)
-                        for q in (50, 90, 99) if ms})
-        return {"uptime_seconds": int(self._clock() - self.started), "routes": routes,
-                "models": models, "model_fallbacks": fallbacks, "upstream_latency_ms": latency}
+            self.exchanges["ok" if ok else "failed"] += 1
+
+    def count_rejected(self):
+        with self._lock:
+            self.rejected_connections += 1
+
+    def snapshot(self):
+        """A consistent copy of everything, for one page or scrape."""
+        with self._lock:
+            return {"uptime_seconds": int(self._clock() - self.started),
+                    "requests": dict(self.requests),
+                    "models": {k: dict(v) for k, v in self.models.items()},
+                    "users": {k: dict(v) for k, v in self.users.items()},
+                    "fallbacks": dict(self.fallbacks), "exchanges": dict(self.exchanges),
+                    "latency": copy.deepcopy(self.latency), "recent": sorted(self.recent),
+                    "rejected_connections": self.rejected_connections}
+
+
+def stats_json(snap):
+    """/stats from a Stats snapshot: counts by route (its path), model and user."""
+    routes = collections.defaultdict(collections.Counter)
+    for (route, _, status), count in snap["requests"].items():
+        routes[route]["requests"] += count
+        routes[route]["errors"] += count if int(status) >= 400 or status == "0" else 0
+    recent = snap["recent"]
+    pick = lambda q: round(recent[min(len(recent) - 1, int(q * len(recent)))], 1)  # noqa: E731
+    latency = {"count": len(recent)}
+    if recent:
+        latency.update(p50=pick(0.5), p90=pick(0.9), p99=pick(0.99))
+    return {"uptime_seconds": snap["uptime_seconds"],
+            "routes": {k: dict(v) for k, v in routes.items()}, "models": snap["models"],
+            "model_fallbacks": [{"requested": r, "served": s, "requests": n}
+                                for (r, s), n in sorted(snap["fallbacks"].items())],
+            "token_exchanges": {"ok": snap["exchanges"].get("ok", 0),
+                                "failed": snap["exchanges"].get("failed", 0)},
+            "upstream_latency_ms": latency}
 
 
 def render_status_page(snap):
@@ -3189,13 +3399,16 @@ def render_status_page(snap):
     latency = snap["upstream_latency_ms"]
     token_text = token["state"] + (" (expires in %d min)" % (token["expires_in"] // 60)
                                    if "expires_in" in token else "")
+    kinds = ("requests", "errors") + TOKEN_KINDS
     return STATUS_PAGE % {
         "version": esc(snap["version"]), "uptime": format_duration(snap["uptime_seconds"]),
         "token": esc(token_text), "p50": latency.get("p50", "-"), "p90": latency.get("p90", "-"),
         "p99": latency.get("p99", "-"), "count": latency["count"],
         "routes": html_rows(snap["routes"], ("requests", "errors"), "no requests yet"),
-        "models": html_rows(snap["models"], ("requests", "errors") + TOKEN_KINDS,
-                            "no model calls yet")}
+        "models": html_rows(snap["models"], kinds, "no model calls yet"),
+        "users": USERS_TABLE % html_rows(snap["users"], kinds, "no users yet")
+                 if "users" in snap else "",
+        "connections": "%(open)d open of %(max)d, %(rejected)d refused" % snap["connections"]}
 
 
 def html_rows(table, columns, empty):
@@ -3203,6 +3416,71 @@ def html_rows(table, columns, empty):
         "<td>%d</td>" % counts.get(c, 0) for c in columns)) for name, counts in sorted(
             table.items()))
     return rows or '<tr><td colspan="%d">%s</td></tr>' % (len(columns) + 1, empty)
+
+
+def metric_labels(labels):
+    """{label="value",...} with values escaped as the exposition format wants."""
+    if not labels:
+        return ""
+    return "{%s}" % ",".join('%s="%s"' % (name, str(value).replace("\\", "\\\\").replace(
+        "\n", "\\n").replace('"', '\\"')) for name, value in labels)
+
+
+def metric_family(out, name, kind, help_text, samples):
+    """One metric: its HELP and TYPE lines, then (suffix, labels, value) samples."""
+    out.append("# HELP %s %s" % (name, help_text))
+    out.append("# TYPE %s %s" % (name, kind))
+    for suffix, labels, value in samples:
+        out.append("%s%s%s %s" % (name, suffix, metric_labels(labels), repr(value)
+                                  if isinstance(value, float) else value))
+
+
+def render_metrics(snap, gauges, team_mode):
+    """Prometheus' text exposition format (0.0.4) of a Stats snapshot and the gauges."""
+    out, prefix = [], "gitlab_duo_proxy_"
+    tokens = [(m, k, c.get(k, 0)) for m, c in sorted(snap["models"].items()) for k in TOKEN_KINDS]
+    metric_family(out, prefix + "requests_total", "counter", "Requests answered, by route, the "
+                  "model that served them and HTTP status.",
+                  [("", (("route", r), ("model", m), ("status", s)), n)
+                   for (r, m, s), n in sorted(snap["requests"].items())])
+    metric_family(out, prefix + "tokens_total", "counter", "Tokens the answers reported, by model "
+                  "and kind.", [("", (("model", m), ("kind", k)), n) for m, k, n in tokens])
+    metric_family(out, prefix + "upstream_latency_seconds", "histogram", "Time from sending a "
+                  "request to the gateway to the head of its answer.", latency_samples(snap))
+    metric_family(out, prefix + "token_exchanges_total", "counter", "GitLab token exchanges.",
+                  [("", (("result", r),), snap["exchanges"].get(r, 0)) for r in ("ok", "failed")])
+    metric_family(out, prefix + "model_fallbacks_total", "counter", "Requests served by another "
+                  "model of the same family because GitLab does not serve the one asked for.",
+                  [("", (("requested", r), ("served", s)), n)
+                   for (r, s), n in sorted(snap["fallbacks"].items())])
+    for name, help_text in (("in_flight_requests", "Requests being answered."),
+                            ("open_connections", "Client connections open."),
+                            ("token_expires_in_seconds", "Seconds until the gateway token expires "
+                             "(single-user mode, once fetched).")):
+        value = gauges[name]
+        metric_family(out, prefix + name, "gauge", help_text,
+                      [] if value is None else [("", (), value)])
+    metric_family(out, prefix + "connections_rejected_total", "counter", "Connections refused "
+                  "because MAX_CONNECTIONS were open.", [("", (), snap["rejected_connections"])])
+    if team_mode:
+        users = sorted(snap["users"].items())
+        metric_family(out, prefix + "user_requests_total", "counter", "Requests by GitLab user.",
+                      [("", (("user", u),), c.get("requests", 0)) for u, c in users])
+        metric_family(out, prefix + "user_tokens_total", "counter", "Tokens by GitLab user and "
+                      "kind.", [("", (("user", u), ("kind", k)), c.get(k, 0))
+                                for u, c in users for k in TOKEN_KINDS])
+    return "\n".join(out) + "\n"
+
+
+def latency_samples(snap):
+    samples = []
+    for route, (buckets, total, count) in sorted(snap["latency"].items()):
+        bounds = [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for bound, value in zip(bounds, buckets + [count]):
+            samples.append(("_bucket", (("route", route), ("le", bound)), value))
+        samples += [("_sum", (("route", route),), float(total)),
+                    ("_count", (("route", route),), count)]
+    return samples
 
 
 def format_duration(seconds):
@@ -3222,6 +3500,7 @@ td:first-child,th:first-child{text-align:left}</style></head><body>
 <div class="cards">
 <div class="card">uptime<b id="uptime">%(uptime)s</b></div>
 <div class="card">gateway token<b id="token">%(token)s</b></div>
+<div class="card">connections<b id="connections">%(connections)s</b></div>
 <div class="card">upstream latency p50 / p90 / p99
 <b id="latency">%(p50)s / %(p90)s / %(p99)s ms</b> over %(count)s calls</div></div>
 <h2>Requests by route</h2>
@@ -3230,8 +3509,12 @@ td:first-child,th:first-child{text-align:left}</style></head><body>
 <h2>Tokens by model</h2><table id="models"><tr><th>model</th><th>requests</th><th>errors</th>
 <th>input</th><th>output</th><th>cache read</th><th>cache write</th></tr>
 %(models)s</table>
+%(users)s
 </body></html>
 """
+USERS_TABLE = ("<h2>Usage by user</h2>\n<table id=\"users\"><tr><th>user</th><th>requests</th>"
+               "<th>errors</th><th>input</th><th>output</th><th>cache read</th>"
+               "<th>cache write</th></tr>\n%s</table>")
 
 
 class ShutdownRequested(Exception):
@@ -3254,15 +3537,18 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.pool = ConnectionPool(config)
         fallbacks = ModelFallbacks(self.catalog, config.model_fallback, clock)
         self.upstream = Upstream(config, self.pool, self.stopping, fallbacks)
-        self.user_tokens = UserTokens(self.upstream, clock) if config.per_user else None
+        count = self.stats.count_exchange
+        self.user_tokens = (UserTokens(self.upstream, clock, on_result=count)
+                            if config.per_user else None)
         credentials = CredentialSource(config, runner)
         self.tokens = None if config.per_user else TokenCache(
-            lambda: self.upstream.exchange(credentials), clock)
+            lambda: self.upstream.exchange(credentials), clock, on_result=count)
         self.refresher = TokenRefresher(self.caches_to_refresh, self.stopping)
         self.api_key_bytes = config.api_key.encode("utf-8")
         self.tls_context = server_ssl_context(config)
         self.watcher = DisconnectWatcher()
-        self.inflight = InFlight()
+        self.inflight = Occupancy()
+        self.connections = Occupancy(config.max_connections)
         self._cors = frozenset(o.strip() for o in config.cors_origins.split(",") if o.strip())
         self._request_ids = itertools.count(1)
         self._id_prefix = "req_proxy_%s_" % os.urandom(6).hex()
@@ -3278,6 +3564,45 @@ class ProxyServer(http.server.ThreadingHTTPServer):
     def service_actions(self):  # serve_forever calls it between requests: a safe point
         if self.stopping.is_set():
             raise ShutdownRequested()
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to MAX_CONNECTIONS; past it an immediate 503."""
+        if not self.connections.enter():
+            return self.refuse(request)
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.leave()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.leave()
+
+    def refuse(self, sock):
+        """Answer 503 and close, from the accepting thread and without waiting: a fresh
+        socket's send buffer takes the whole answer. (Over TLS it is just closed: the
+        handshake would mean waiting for the client.)"""
+        self.stats.count_rejected()
+        body = anthropic_error_body("overloaded_error", "the proxy has its maximum of %d "
+                                    "connections open (MAX_CONNECTIONS); retry shortly"
+                                    % self.config.max_connections)
+        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                "Content-Length: %d\r\nretry-after: 1\r\nx-should-retry: true\r\n"
+                "request-id: %s\r\nConnection: close\r\n\r\n"
+                % (len(body), self.new_request_id())).encode()
+        try:
+            sock.setblocking(False)
+            if self.tls_context is None:
+                sock.send(head + body)
+                for _ in range(16):  # what the client sent already: unread, closing resets
+                    if not sock.recv(65536):
+                        break
+        except OSError:
+            pass  # the client is gone, or has sent all it had so far
+        self.shutdown_request(sock)
 
     def handle_error(self, request, client_address):
         exc = sys.exc_info()[1]
@@ -3315,16 +3640,31 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 "gateway_token": self.token_state()}
 
     def stats_snapshot(self):
-        snapshot = self.stats.snapshot()
-        snapshot.update(name=NAME, version=__version__, gateway_token=self.token_state(),
-                        upstream_connections_opened=dict(self.pool.opened))
-        return snapshot
+        snap = self.stats.snapshot()
+        result = stats_json(snap)
+        if self.user_tokens is not None:
+            result["users"] = snap["users"]
+        result.update(name=NAME, version=__version__, gateway_token=self.token_state(),
+                      upstream_connections_opened=dict(self.pool.opened),
+                      connections={"open": self.connections.count,
+                                   "max": self.config.max_connections,
+                                   "rejected": snap["rejected_connections"]})
+        return result
+
+    def metrics_text(self):
+        expires = self.tokens.expires_in() if self.tokens is not None else None
+        gauges = {"in_flight_requests": self.inflight.count,
+                  "open_connections": self.connections.count,
+                  "token_expires_in_seconds": None if expires is None else round(expires, 3)}
+        return render_metrics(self.stats.snapshot(), gauges, self.user_tokens is not None)
 
     def redact(self, text):
         """text with every secret the proxy knows, and anything token-shaped, masked."""
         secrets = list(self.config.secrets())
         if self.tokens is not None and self.tokens.secret():
             secrets.append(self.tokens.secret())
+        if self.user_tokens is not None:
+            secrets.extend(self.user_tokens.secrets())
         for secret in secrets:
             text = text.replace(secret, "[redacted]")
         return redact_patterns(text)

@@ -6,6 +6,7 @@ Run: python3 -m unittest -v        (the suite also passes under python3 -S -m un
 import contextlib
 import http.client
 import http.server
+import importlib.util
 import io
 import json
 import logging
@@ -178,6 +179,7 @@ class DuoState:
         self.gitlab_tokens = {GITLAB_TOKEN}
         self.lifetime = 3600
         self.scopes = ["api"]
+        self.usernames = {}  # token -> username, for GET /api/v4/user (else "ada")
 
     def issue(self):
         with self.lock:
@@ -329,7 +331,7 @@ class FakeGitLabHandler(FakeHandler):
             return self.send_json(200, {"version": "18.6.0-ee"})
         if self.path.endswith("/self"):
             return self.send_json(200, {"name": "duo", "scopes": srv.state.scopes, "expires_at": "2027-01-31"})
-        self.send_json(200, {"id": 7, "username": "ada"})
+        self.send_json(200, {"id": 7, "username": srv.state.usernames.get(auth[7:], "ada")})
 
 
 GATEWAY_PATHS = {  # compared with the query string, exactly
@@ -1525,13 +1527,18 @@ class RefreshAheadTests(ProxyTestCase):
         self.assertTrue(refreshed.wait(5))
 
     def test_team_mode_refreshes_ahead_only_for_users_seen_in_the_last_hour(self):
+        recent, idle = "glpat-RECENT00000000000000", "glpat-IDLE0000000000000000"
+        self.duo.gitlab_tokens.update({recent, idle})
         users = gdp.UserTokens(self.proxy.upstream, clock=self.clock)
-        recent = users.get("glpat-RECENT00000000000000")
-        users.get("glpat-IDLE0000000000000000")  # never used again
+        users.get(idle, "10.0.0.1").cache.get()  # and never again
+        users.get(recent, "10.0.0.1").cache.get()
         self.clock.advance(1800)
-        recent.last_used = self.clock()
+        users.get(recent, "10.0.0.1").cache.get()
         self.clock.advance(1801)
-        self.assertEqual(users.caches(), [recent])
+        self.assertEqual(users.caches(), [users.get(recent, "10.0.0.1").cache])
+        self.clock.advance(24 * 3600)  # a day unseen: forgotten
+        users.caches()
+        self.assertEqual(len(users), 0)
 
 
 class GooseWireTests(ProxyTestCase):
@@ -2817,6 +2824,26 @@ class DoctorTests(ProxyTestCase):
                          len(gdp.MODEL_CATALOG) - 1)
 
 
+@unittest.skipUnless(os.environ.get("GITLAB_DUO_PROXY_COMMAND"), "CI sets it after pip install .")
+class InstalledCommandTests(ProxyTestCase):
+    """The command `pip install .` installs (its path in GITLAB_DUO_PROXY_COMMAND)."""
+
+    def test_installed_command_checks_a_setup(self):
+        command = os.environ["GITLAB_DUO_PROXY_COMMAND"]
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "SYSTEMROOT")}
+        env.update(GITLAB_TOKEN=GITLAB_TOKEN, GITLAB_INSTANCE_URL=self.gitlab.url,
+                   GITLAB_AI_GATEWAY_URL=self.gateway.url, PYTHONIOENCODING="utf-8")
+        done = subprocess.run([command, "--check", "--models"], env=env, cwd=tempfile.mkdtemp(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        out = done.stdout.decode()
+        self.assertEqual(done.returncode, 0, out + done.stderr.decode())
+        self.assertIn("\u2713 Duo token exchange works", out)
+        self.assertEqual(sum(line.startswith("\u2713 model ") for line in out.splitlines()),
+                         len(gdp.MODEL_CATALOG))
+        version = subprocess.run([command, "--version"], stdout=subprocess.PIPE, timeout=30)
+        self.assertEqual(version.stdout.decode().split(), ["gitlab-duo-proxy", gdp.__version__])
+
+
 class ClientSetupTests(unittest.TestCase):
     def config(self, **kw):
         return base_config(**kw)
@@ -2932,8 +2959,83 @@ class TeamModeTests(ProxyTestCase):
         self.duo.gitlab_tokens.update({self.ADA, self.BOB})
         self.team = self.make_proxy(gitlab_token="", token_source="", per_user=True)
 
-    def as_user(self, token, payload=SIMPLE, **kw):
-        return self.post("/v1/messages", payload, {"x-api-key": token} if token else {}, proxy=self.team, **kw)
+    def as_user(self, token, payload=SIMPLE, source="127.0.0.1", **kw):
+        conn = http.client.HTTPConnection("127.0.0.1", self.team.server_address[1], timeout=10,
+                                          source_address=(source, 0))
+        try:
+            headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+            if token:
+                headers["x-api-key"] = token
+            conn.request("POST", "/v1/messages", json.dumps(payload), headers)
+            resp = conn.getresponse()
+            return Response(resp, resp.read())
+        finally:
+            conn.close()
+
+    def team_get(self, path, token=None, **headers):
+        if token:
+            headers["x-api-key"] = token
+        return self.request("GET", path, headers=headers, proxy=self.team)
+
+    def test_usage_is_counted_per_gitlab_username_and_no_token_shows(self):
+        self.duo.usernames.update({self.ADA: "ada", self.BOB: "bob"})
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            for token in (self.ADA, self.BOB, self.ADA):
+                self.assertEqual(self.as_user(token).status, 200)
+            self.gateway.script = [lambda h, r: h.send_stream(rich_stream("claude-sonnet-4-6"))]
+            self.assertEqual(self.as_user(self.BOB, dict(SIMPLE, stream=True)).status, 200)
+            self.assertTrue(self.team.inflight.wait_idle(5))
+        lookups = [r for r in self.gitlab.requests if r.path == "/api/v4/user"]
+        self.assertEqual(len(lookups), 2)  # once per new token
+        stats = self.team_get("/stats", self.ADA)
+        users = stats.json()["users"]
+        self.assertEqual(users["ada"], {"requests": 2, "errors": 0, "input": 24, "output": 10})
+        self.assertEqual((users["bob"]["requests"], users["bob"]["input"], users["bob"]["output"]), (2, 42, 45))
+        metrics = self.team_get("/metrics", self.BOB).body.decode()
+        self.assertIn('gitlab_duo_proxy_user_requests_total{user="ada"} 2', metrics)
+        self.assertIn('gitlab_duo_proxy_user_tokens_total{user="bob",kind="cache_read"} 2000', metrics)
+        page = self.team_get("/", self.ADA, Accept="text/html")
+        table = PageText()
+        table.feed(page.body.decode())
+        self.assertEqual([row[:3] for row in table.rows["users"][1:]], [["ada", "2", "0"], ["bob", "2", "0"]])
+        self.assertIn("user=bob", logs.output[-1])
+        everything = stats.body.decode() + metrics + page.body.decode() + "\n".join(logs.output)
+        for secret in [self.ADA, self.BOB] + list(self.duo.issued):
+            self.assertNotIn(secret, everything)
+
+    def test_a_rejected_token_costs_gitlab_one_exchange(self):
+        bad = "glpat-BAD000000000000000000"
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(self.as_user(bad).status)) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        results += [self.as_user(bad).status for _ in range(40)]
+        self.assertEqual(results, [401] * 50)
+        self.assertEqual(len(self.exchanges()), 1)
+        self.clock.advance(61)  # remembered for a minute: then GitLab is asked again
+        self.assertEqual(self.as_user(bad).status, 401)
+        self.assertEqual(len(self.exchanges()), 2)
+
+    def test_a_flood_of_bad_tokens_is_throttled_per_address_and_others_keep_working(self):
+        self.assertEqual(self.as_user(self.ADA, source="127.0.0.2").status, 200)
+        statuses = [self.as_user("glpat-RANDOM%015d" % n, source="127.0.0.2").status for n in range(15)]
+        self.assertEqual(statuses, [401] * 10 + [429] * 5)
+        self.assertEqual(len(self.exchanges()), 11)  # Ada's and ten bad ones
+        throttled = self.as_user("glpat-RANDOM%015d" % 99, source="127.0.0.2")
+        self.assertEqual(throttled.error["type"], "rate_limit_error")
+        self.assertLessEqual(int(throttled.headers["retry-after"]), 61)
+        self.assertEqual(self.as_user(self.ADA, source="127.0.0.2").status, 200)  # known users: unaffected
+        self.assertEqual(self.as_user(self.BOB).status, 200)  # another address: unaffected
+        self.clock.advance(61)
+        self.assertEqual(self.as_user("glpat-RANDOM%015d" % 100, source="127.0.0.2").status, 401)
+
+    def test_transient_failures_are_never_remembered(self):
+        self.gitlab.script = [lambda h: h.send_json(503, {"message": "Token creation failed"})]
+        self.assertEqual(self.as_user(self.ADA).status, 503)
+        self.assertEqual(self.as_user(self.ADA).status, 200)
+        self.assertEqual(len(self.exchanges()), 2)
 
     def test_each_user_exchanges_their_own_token(self):
         for token in (self.ADA, self.BOB, self.ADA):
@@ -2953,14 +3055,21 @@ class TeamModeTests(ProxyTestCase):
         self.assertEqual(self.as_user(None).status, 401)
 
     def test_cache_is_a_bounded_lru_keyed_by_hash(self):
+        carol = "glpat-CAROL0000000000000000"
+        self.duo.gitlab_tokens.add(carol)
         users = gdp.UserTokens(self.team.upstream, clock=self.clock, max_users=2)
-        first = users.get(self.ADA)
-        users.get(self.BOB)
-        self.assertIs(users.get(self.ADA), first)  # used again: now the most recent
-        users.get("glpat-CAROL0000000000000000")
+
+        def member(token):
+            found = users.get(token, "10.0.0.1")
+            found.cache.get()  # kept once GitLab accepted the token
+            return found
+        first = member(self.ADA)
+        member(self.BOB)
+        self.assertIs(member(self.ADA), first)  # used again: now the most recent
+        member(carol)
         self.assertEqual(len(users), 2)
-        self.assertIs(users.get(self.ADA), first)
-        self.assertNotIn(self.ADA, repr(list(users._caches)))
+        self.assertIs(member(self.ADA), first)
+        self.assertNotIn(self.ADA, repr(list(users._members)))
 
     def test_stats_need_a_working_token(self):
         self.assertEqual(self.request("GET", "/stats", headers={"x-api-key": "nonsense"}, proxy=self.team).status, 401)
@@ -3079,6 +3188,181 @@ class StatsTests(ProxyTestCase):
         self.assertEqual(self.request("GET", "/stats", proxy=proxy).status, 401)
         self.assertEqual(self.request("GET", "/stats", headers={"x-api-key": PROXY_KEY}, proxy=proxy).status, 200)
         self.assertEqual(self.request("GET", "/stats", headers={"Authorization": basic}, proxy=proxy).status, 200)
+
+
+METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\})?'
+                         r' (-?[0-9.e+-]+|\+Inf|NaN)$')
+
+
+def parse_metrics(text):
+    """{(sample name, labels text): value}, checking the exposition format as it goes:
+    HELP then TYPE before any sample of a metric, well-formed escaped labels, no
+    duplicate series, a newline at the end."""
+    assert text.endswith("\n")
+    samples, typed, last = {}, {}, None
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            last = line.split()[2]
+            continue
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            assert name == last and kind in ("counter", "gauge", "histogram"), line
+            typed[name] = kind
+            continue
+        match = METRIC_LINE.match(line)
+        assert match, line
+        family = re.sub(r"_(bucket|sum|count)$", "", match.group(1)) if match.group(1) not in typed \
+            else match.group(1)
+        assert family in typed, line
+        key = (match.group(1), match.group(2) or "")
+        assert key not in samples, "duplicate series " + line
+        samples[key] = float(match.group(3))
+    return samples
+
+
+class MetricsTests(ProxyTestCase):
+    def metrics(self, proxy=None, **headers):
+        resp = self.request("GET", "/metrics", headers=headers, proxy=proxy)
+        self.assertEqual(resp.status, 200, resp.body)
+        self.assertEqual(resp.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        return resp.body.decode()
+
+    def test_metrics_after_known_traffic_equal_the_traffic(self):
+        self.post("/v1/messages", SIMPLE)
+        self.gateway.script = [lambda h, r: h.send_stream(rich_stream("claude-sonnet-4-6"))]
+        self.post("/v1/messages", dict(SIMPLE, stream=True))
+        self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"))
+        self.post("/v1/messages", b"{bad")
+        self.request("GET", "/v1/models")
+        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        samples = parse_metrics(self.metrics())
+        requests = lambda route, model, status: samples[("gitlab_duo_proxy_requests_total",  # noqa: E731
+                                                         '{route="%s",model="%s",status="%s"}' % (route, model, status))]
+        self.assertEqual(requests("/v1/messages", "claude-sonnet-4-6", 200), 2)
+        self.assertEqual(requests("/v1/messages", "claude-opus-5", 200), 1)
+        self.assertEqual(requests("/v1/messages", "", 400), 1)
+        self.assertEqual(requests("/v1/models", "", 200), 1)
+        tokens = lambda model, kind: samples[("gitlab_duo_proxy_tokens_total",  # noqa: E731
+                                              '{model="%s",kind="%s"}' % (model, kind))]
+        self.assertEqual([tokens("claude-sonnet-4-6", k) for k in ("input", "output", "cache_read", "cache_creation")],
+                         [42, 45, 2000, 100])
+        self.assertEqual(tokens("claude-opus-5", "input"), 12)
+        # one per answered request: to the head of the answer that served it
+        self.assertEqual(samples[("gitlab_duo_proxy_upstream_latency_seconds_count", '{route="/v1/messages"}')], 3)
+        self.assertEqual(samples[("gitlab_duo_proxy_upstream_latency_seconds_bucket",
+                                  '{route="/v1/messages",le="+Inf"}')], 3)
+        self.assertEqual(samples[("gitlab_duo_proxy_token_exchanges_total", '{result="ok"}')], 1)
+        self.assertEqual(samples[("gitlab_duo_proxy_model_fallbacks_total",
+                                  '{requested="claude-opus-5-5",served="claude-opus-5"}')], 1)
+        self.assertEqual(samples[("gitlab_duo_proxy_in_flight_requests", "")], 1)  # this scrape
+        self.assertEqual(samples[("gitlab_duo_proxy_open_connections", "")], 1)
+        self.assertAlmostEqual(samples[("gitlab_duo_proxy_token_expires_in_seconds", "")], 3600, delta=1)
+        self.assertEqual(samples[("gitlab_duo_proxy_connections_rejected_total", "")], 0)
+
+    def test_label_values_are_escaped(self):
+        snap = gdp.Stats().snapshot()
+        snap["fallbacks"] = {('a"b\\c\nd', "claude-opus-5"): 3}
+        text = gdp.render_metrics(snap, {"in_flight_requests": 0, "open_connections": 0,
+                                         "token_expires_in_seconds": None}, team_mode=True)
+        samples = parse_metrics(text)
+        self.assertEqual(samples[("gitlab_duo_proxy_model_fallbacks_total",
+                                  '{requested="a\\"b\\\\c\\nd",served="claude-opus-5"}')], 3)
+        self.assertIn("# TYPE gitlab_duo_proxy_user_requests_total counter", text)
+
+    def test_same_access_rule_as_stats(self):
+        proxy = self.make_proxy(api_key=PROXY_KEY)
+        self.assertEqual(self.request("GET", "/metrics", proxy=proxy).status, 401)
+        self.metrics(proxy, Authorization="Bearer " + PROXY_KEY)  # as Prometheus' authorization sends it
+        self.metrics(proxy, **{"x-api-key": PROXY_KEY})
+
+    @unittest.skipUnless(importlib.util.find_spec("prometheus_client"), "a dev tool: CI installs it in a venv")
+    def test_prometheus_own_parser_reads_it(self):
+        from prometheus_client.parser import text_string_to_metric_families
+        self.post("/v1/messages", SIMPLE)
+        self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"))
+        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        families = {f.name: f for f in text_string_to_metric_families(self.metrics())}
+        self.assertEqual(families["gitlab_duo_proxy_upstream_latency_seconds"].type, "histogram")
+        requests = families["gitlab_duo_proxy_requests"]
+        self.assertEqual(requests.type, "counter")
+        served = {(s.labels["model"], s.labels["status"]): s.value for s in requests.samples}
+        self.assertEqual(served[("claude-sonnet-4-6", "200")], 1)
+        self.assertEqual(families["gitlab_duo_proxy_open_connections"].samples[0].value, 1)
+
+
+class BoundedBookkeepingTests(ProxyTestCase):
+    def test_a_hundred_thousand_random_model_names_leave_the_statistics_flat(self):
+        stats, rng = gdp.Stats(), random.Random(13)
+        gauges = {"in_flight_requests": 0, "open_connections": 0, "token_expires_in_seconds": None}
+        sizes = []
+        for n in range(100000):
+            ctx = gdp.RequestContext("POST", lambda: "id")
+            ctx.route, ctx.status = "/v1/messages", rng.choice((400, 400, 200))
+            ctx.model = "claude-opus-%d-%d" % (rng.randrange(10 ** 6), n) if n % 3 else "<script>\r\n%d" % n
+            ctx.user = "user-%d" % n
+            ctx.fallback = (ctx.model, "claude-opus-5") if ctx.status == 200 else None
+            ctx.upstream_seconds = 0.1 if ctx.status == 200 else None
+            if ctx.status == 200:
+                ctx.model = "claude-opus-5"  # what served it
+            stats.record(ctx)
+            if n in (1999, 99999):
+                snap = stats.snapshot()
+                sizes.append((len(json.dumps(gdp.stats_json(snap))), len(gdp.render_metrics(snap, gauges, True))))
+        # The same series: only the counts grow (a digit or two each).
+        self.assertLess(sizes[1][0] - sizes[0][0], sizes[0][0] / 50)
+        self.assertLess(sizes[1][1] - sizes[0][1], sizes[0][1] / 50)
+        snap = stats.snapshot()
+        self.assertEqual(set(snap["models"]), {"claude-opus-5", "other"})
+        self.assertLessEqual(len({r for r, _ in snap["fallbacks"]}), gdp.MAX_FALLBACK_NAMES + 1)
+        self.assertLessEqual(len(snap["users"]), gdp.MAX_USER_SERIES + 1)
+
+    def test_random_names_through_the_proxy_leave_stats_and_metrics_flat(self):
+        names = ["claude-opus-9-%d" % n for n in range(60)] + ["claude-nonsense-%d" % n for n in range(20)] + \
+                ["<script>alert(%d)</script>" % n for n in range(40)] + \
+                ["claude-x\r\nSet-Cookie: a=%d" % n for n in range(40)] + ["claude-opus-8-%d" % n for n in range(60)]
+
+        def sizes():
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+            return (len(self.request("GET", "/stats").body), len(self.request("GET", "/metrics").body),
+                    len(self.proxy.upstream.fallbacks._known))
+        for name in names[:80]:  # fallback names past the 50 kept apart, and junk
+            self.post("/v1/messages", dict(SIMPLE, model=name))
+        before = sizes()
+        for name in names[80:]:
+            self.post("/v1/messages", dict(SIMPLE, model=name))
+        after = sizes()
+        self.assertLess(after[0] - before[0], 100)  # only counts grow
+        self.assertLess(after[1] - before[1], 100)
+        self.assertLessEqual(after[2], 256)  # remembered fallbacks: bounded too
+        stats = self.request("GET", "/stats").json()
+        self.assertEqual(set(stats["models"]), {"claude-opus-5", "other"})
+        self.assertLessEqual(len({f["requested"] for f in stats["model_fallbacks"]}), gdp.MAX_FALLBACK_NAMES + 1)
+        self.assertNotIn("<script>", self.request("GET", "/metrics").body.decode())
+
+
+class ConnectionCapTests(ProxyTestCase):
+    def test_idle_connections_past_the_cap_are_refused_at_once_without_threads(self):
+        proxy = self.tracked_proxy(max_connections=50)
+        port = proxy.server_address[1]
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(80)]
+        for sock in idle:
+            self.addCleanup(sock.close)
+        refused = []
+        for sock in idle[50:]:  # accepted in order: these found the cap reached
+            status, head, body = parse_raw(sock.recv(65536))
+            refused.append((status, json.loads(body)["error"]["type"], "retry-after: 1" in head))
+        self.assertEqual(set(refused), {(503, "overloaded_error", True)})
+        self.assertEqual(len(proxy.threads), 50)  # no thread for a refused connection
+        status, _, _ = parse_raw(raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertEqual(status, 503)  # new requests get an answer at once
+        stats = proxy.stats_snapshot()["connections"]
+        self.assertEqual((stats["open"], stats["max"], stats["rejected"]), (50, 50, 31))
+        for sock in idle[:10]:
+            sock.close()
+        self.assertTrue(proxy.connections.wait_until(40, 10))
+        self.assertEqual(self.request("GET", "/", proxy=proxy).status, 200)
+        metrics = parse_metrics(self.request("GET", "/metrics", proxy=proxy).body.decode())
+        self.assertEqual(metrics[("gitlab_duo_proxy_connections_rejected_total", "")], 31)
 
 
 class PageText(__import__("html.parser").parser.HTMLParser):
