@@ -3234,7 +3234,8 @@ class MetricsTests(ProxyTestCase):
         self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"))
         self.post("/v1/messages", b"{bad")
         self.request("GET", "/v1/models")
-        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        # a connection counts until its thread reads the client's close, just after the answer
+        self.assertTrue(self.proxy.connections.wait_idle(5))
         samples = parse_metrics(self.metrics())
         requests = lambda route, model, status: samples[("gitlab_duo_proxy_requests_total",  # noqa: E731
                                                          '{route="%s",model="%s",status="%s"}' % (route, model, status))]
@@ -3280,7 +3281,7 @@ class MetricsTests(ProxyTestCase):
         from prometheus_client.parser import text_string_to_metric_families
         self.post("/v1/messages", SIMPLE)
         self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"))
-        self.assertTrue(self.proxy.inflight.wait_idle(5))
+        self.assertTrue(self.proxy.connections.wait_idle(5))
         families = {f.name: f for f in text_string_to_metric_families(self.metrics())}
         self.assertEqual(families["gitlab_duo_proxy_upstream_latency_seconds"].type, "histogram")
         requests = families["gitlab_duo_proxy_requests"]
