@@ -1881,7 +1881,7 @@ class UserTokens:
         self._upstream = upstream
         self._clock = clock
         self._max = max_users
-        self._on_result = on_result
+        self._on_result = on_result or (lambda ok: None)  # counts exchanges for /metrics
         self._lock = threading.Lock()
         self._members = collections.OrderedDict()  # key -> TeamMember, least recent first
         self._pending = {}  # key -> TeamMember whose first exchange has not succeeded yet
@@ -1901,9 +1901,7 @@ class UserTokens:
             if member is not None:
                 self._members.move_to_end(key)
                 return member
-            rejected = self._rejected.get(key)
-            if rejected is not None and now < rejected[0]:
-                raise copy.copy(rejected[1])
+            self._check_rejected(key, now)
             self._check_address(address, now)
             member = self._pending.get(key)
             if member is None:
@@ -1915,17 +1913,29 @@ class UserTokens:
         member = TeamMember(key, None)
 
         def exchange():
+            # A request that took the member just before GitLab rejected its token gets the
+            # remembered answer: GitLab is not asked twice.
+            with self._lock:
+                self._check_rejected(key, self._clock())
             try:
                 payload = self._upstream.exchange(source)
             except ProxyError as exc:
+                self._on_result(False)
                 self._failed(member, exc, address)
                 raise
+            self._on_result(True)
             if member.username is None:
                 member.username = self._upstream.username(gitlab_token) or "user-" + key[:8]
                 self._admit(member)
             return payload
-        member.cache = TokenCache(exchange, self._clock, on_result=self._on_result)
+        member.cache = TokenCache(exchange, self._clock)
         return member
+
+    def _check_rejected(self, key, now):
+        """Raise the error of GitLab's recent rejection of this token; under the lock."""
+        rejected = self._rejected.get(key)
+        if rejected is not None and now < rejected[0]:
+            raise copy.copy(rejected[1])
 
     def _check_address(self, address, now):
         times = self._failures.get(address)
@@ -2551,6 +2561,7 @@ class Watch:
 
     def __init__(self, sock, target):
         self.sock, self.target = sock, target
+        self.fd = sock.fileno()  # what the selector knows it by, even once sock is closed
         self.lock = threading.Lock()
         self.gone = threading.Event()
 
@@ -2653,16 +2664,18 @@ class DisconnectWatcher:
         except (OSError, ValueError):
             pass  # closed before we got to it: nothing left to watch
 
+    def _registered(self, watch):
+        """Whether watch is still registered; by its number, as its socket may be closed."""
+        key = self._selector.get_map().get(watch.fd)
+        return key is not None and key.data is watch
+
     def _forget(self, watch):
-        try:
-            self._selector.unregister(watch.sock)
-        except (KeyError, ValueError):
-            pass  # already dropped when the client hung up
+        if self._registered(watch):  # else already dropped, and its number maybe reused
+            self._selector.unregister(watch.fd)
 
     def _check(self, watch):
         with self._lock:
-            key = self._selector.get_map().get(watch.sock)
-            if key is None or key.data is not watch:
+            if not self._registered(watch):
                 return  # the stream ended meanwhile: this readiness is not ours to judge
             state = peer_state(watch.sock)
             if state == "idle":

@@ -1907,7 +1907,10 @@ def raw_exchange(port, data, shut=True, timeout=5):
     try:
         sock.sendall(data)
         if shut:
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the proxy answered and closed first (a refusal): its answer is still here
         chunks = []
         while True:
             try:
@@ -3054,6 +3057,17 @@ class TeamModeTests(ProxyTestCase):
         self.assertEqual(self.as_user(self.ADA).status, 200)
         self.assertEqual(self.as_user(None).status, 401)
 
+    def test_a_request_that_took_a_token_before_gitlab_rejected_it_gets_the_rejection(self):
+        bad = "glpat-LATE0000000000000000"
+        users = gdp.UserTokens(self.team.upstream, clock=self.clock)
+        late = users.get(bad, "10.0.0.1")  # a request about to ask for its gateway token
+        with self.assertRaises(gdp.ProxyError) as first:
+            users.get(bad, "10.0.0.1").cache.get()  # another request's exchange: rejected
+        with self.assertRaises(gdp.ProxyError) as second:
+            late.cache.get()
+        self.assertEqual((first.exception.status, second.exception.status), (401, 401))
+        self.assertEqual(len(self.exchanges()), 1)
+
     def test_cache_is_a_bounded_lru_keyed_by_hash(self):
         carol = "glpat-CAROL0000000000000000"
         self.duo.gitlab_tokens.add(carol)
@@ -3322,10 +3336,12 @@ class BoundedBookkeepingTests(ProxyTestCase):
                 ["<script>alert(%d)</script>" % n for n in range(40)] + \
                 ["claude-x\r\nSet-Cookie: a=%d" % n for n in range(40)] + ["claude-opus-8-%d" % n for n in range(60)]
 
+        def scrape(path):  # once the requests before it are counted (just after their answers)
+            self.assertTrue(self.proxy.connections.wait_idle(5))
+            return len(self.request("GET", path).body)
+
         def sizes():
-            self.assertTrue(self.proxy.inflight.wait_idle(5))
-            return (len(self.request("GET", "/stats").body), len(self.request("GET", "/metrics").body),
-                    len(self.proxy.upstream.fallbacks._known))
+            return scrape("/stats"), scrape("/metrics"), len(self.proxy.upstream.fallbacks._known)
         for name in names[:80]:  # fallback names past the 50 kept apart, and junk
             self.post("/v1/messages", dict(SIMPLE, model=name))
         before = sizes()
@@ -3500,6 +3516,23 @@ class DisconnectWatcherTests(unittest.TestCase):
             client_side.close()
             watcher._check(ended)
             self.assertFalse(ended.gone.is_set())
+
+    def test_a_stream_that_ended_and_closed_after_its_readiness_changes_nothing(self):
+        # select() reported the client's hang-up, then the stream noticed it too, ended and
+        # its connection closed before the watcher's thread looked.
+        for watcher in self.each_watcher():
+            server_side, client_side = socket.socketpair()
+            self.addCleanup(client_side.close)
+            ended = watcher.watch(server_side, None)
+            client_side.close()
+            watcher.unwatch(ended)
+            server_side.close()
+            watcher._check(ended)
+            server_side, client_side = self.pair()  # the watcher still works for the next one
+            watch = watcher.watch(server_side, None)
+            client_side.close()
+            self.assertTrue(self.wait_gone(watch))
+            watcher.unwatch(watch)
 
 
 def selectors_select():
