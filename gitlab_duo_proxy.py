@@ -63,35 +63,54 @@ USER_AGENT = "%s/%s (python/%d.%d)" % ((NAME, __version__) + tuple(sys.version_i
 log = logging.getLogger("gitlab_duo_proxy")
 MIB = 1024 * 1024
 
-Model = collections.namedtuple("Model", "id display_name created_at provider context_window")
+ANTHROPIC, OPENAI = "anthropic", "openai"  # the two APIs, and the two error dialects
+# How a Claude model takes OpenAI's reasoning_effort (Anthropic's extended-thinking and effort
+# docs): a thinking budget (4.5 and older), adaptive thinking with an effort (4.6, which has
+# no "xhigh"), or adaptive thinking with every effort (4.7, the 5-series and later).
+BUDGET, ADAPTIVE, ADAPTIVE_XHIGH = "budget", "adaptive", "adaptive+xhigh"
 
-_A, _O = "anthropic", "openai"
-# GitLab's lists as its gateway source had them on 2026-08-22 (PROTOCOL.md §2). They
-# change monthly: MODELS= edits this list without touching code, and model fallback
-# keeps clients working when a name disappears. Dates order /v1/models (approximate for
-# the newest models). A family name ("opus") means the newest of that family.
+# A model and what the proxy must know to talk to it: which API serves it, how it thinks,
+# and the name of its max-tokens parameter. A new family is a new row here.
+Model = collections.namedtuple("Model", "id display_name created_at api context_window "
+                                        "thinking max_tokens_field")
+
+
+def claude(model_id, name, date, context, thinking):
+    return Model(model_id, name, date + "T00:00:00Z", ANTHROPIC, context, thinking, "max_tokens")
+
+
+def gpt(model_id, name, date, context):
+    # GPT-5 and later refuse max_tokens: they want max_completion_tokens.
+    return Model(model_id, name, date + "T00:00:00Z", OPENAI, context, None,
+                 "max_completion_tokens")
+
+
+# GitLab's lists as its gateway source had them on 2026-08-22. They change monthly: MODELS=
+# edits this list without touching code, and model fallback keeps clients working when a
+# name disappears. Dates order /v1/models (approximate for the newest models). A family
+# name ("opus") means the newest of that family.
 MODEL_CATALOG = (
-    Model("claude-fable-5", "Claude Fable 5", "2026-08-01T00:00:00Z", _A, 1000000),
-    Model("claude-opus-5", "Claude Opus 5", "2026-07-15T00:00:00Z", _A, 1000000),
-    Model("claude-sonnet-5", "Claude Sonnet 5", "2026-07-15T00:00:00Z", _A, 1000000),
-    Model("claude-opus-4-8", "Claude Opus 4.8", "2026-06-01T00:00:00Z", _A, 1000000),
-    Model("claude-opus-4-7", "Claude Opus 4.7", "2026-04-01T00:00:00Z", _A, 1000000),
-    Model("claude-sonnet-4-6", "Claude Sonnet 4.6", "2026-02-17T00:00:00Z", _A, 1000000),
-    Model("claude-opus-4-6", "Claude Opus 4.6", "2026-02-05T00:00:00Z", _A, 1000000),
-    Model("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24T00:00:00Z", _A, 200000),
-    Model("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15T00:00:00Z", _A, 200000),
-    Model("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29T00:00:00Z", _A, 200000),
-    Model("gpt-5.6-sol", "GPT-5.6 Sol", "2026-07-22T00:00:00Z", _O, 1050000),
-    Model("gpt-5.6-terra", "GPT-5.6 Terra", "2026-07-21T00:00:00Z", _O, 1050000),
-    Model("gpt-5.6-luna", "GPT-5.6 Luna", "2026-07-20T00:00:00Z", _O, 1050000),
-    Model("gpt-5.5-2026-04-23", "GPT-5.5", "2026-04-23T00:00:00Z", _O, 1050000),
-    Model("gpt-5.4-2026-03-05", "GPT-5.4", "2026-03-05T00:00:00Z", _O, 1050000),
-    Model("gpt-5.4-mini", "GPT-5.4 mini", "2026-03-05T00:00:00Z", _O, 400000),
-    Model("gpt-5.4-nano", "GPT-5.4 nano", "2026-03-05T00:00:00Z", _O, 400000),
-    Model("gpt-5.3-codex", "GPT-5.3 Codex", "2026-02-05T00:00:00Z", _O, 400000),
-    Model("gpt-5.2-2025-12-11", "GPT-5.2", "2025-12-11T00:00:00Z", _O, 400000),
-    Model("gpt-5.1-2025-11-13", "GPT-5.1", "2025-11-13T00:00:00Z", _O, 400000),
-    Model("gpt-5-mini-2025-08-07", "GPT-5 mini", "2025-08-07T00:00:00Z", _O, 400000),
+    claude("claude-fable-5", "Claude Fable 5", "2026-08-01", 1000000, ADAPTIVE_XHIGH),
+    claude("claude-opus-5", "Claude Opus 5", "2026-07-15", 1000000, ADAPTIVE_XHIGH),
+    claude("claude-sonnet-5", "Claude Sonnet 5", "2026-07-15", 1000000, ADAPTIVE_XHIGH),
+    claude("claude-opus-4-8", "Claude Opus 4.8", "2026-06-01", 1000000, ADAPTIVE_XHIGH),
+    claude("claude-opus-4-7", "Claude Opus 4.7", "2026-04-01", 1000000, ADAPTIVE_XHIGH),
+    claude("claude-sonnet-4-6", "Claude Sonnet 4.6", "2026-02-17", 1000000, ADAPTIVE),
+    claude("claude-opus-4-6", "Claude Opus 4.6", "2026-02-05", 1000000, ADAPTIVE),
+    claude("claude-opus-4-5-20251101", "Claude Opus 4.5", "2025-11-24", 200000, BUDGET),
+    claude("claude-haiku-4-5-20251001", "Claude Haiku 4.5", "2025-10-15", 200000, BUDGET),
+    claude("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", "2025-09-29", 200000, BUDGET),
+    gpt("gpt-5.6-sol", "GPT-5.6 Sol", "2026-07-22", 1050000),
+    gpt("gpt-5.6-terra", "GPT-5.6 Terra", "2026-07-21", 1050000),
+    gpt("gpt-5.6-luna", "GPT-5.6 Luna", "2026-07-20", 1050000),
+    gpt("gpt-5.5-2026-04-23", "GPT-5.5", "2026-04-23", 1050000),
+    gpt("gpt-5.4-2026-03-05", "GPT-5.4", "2026-03-05", 1050000),
+    gpt("gpt-5.4-mini", "GPT-5.4 mini", "2026-03-05", 400000),
+    gpt("gpt-5.4-nano", "GPT-5.4 nano", "2026-03-05", 400000),
+    gpt("gpt-5.3-codex", "GPT-5.3 Codex", "2026-02-05", 400000),
+    gpt("gpt-5.2-2025-12-11", "GPT-5.2", "2025-12-11", 400000),
+    gpt("gpt-5.1-2025-11-13", "GPT-5.1", "2025-11-13", 400000),
+    gpt("gpt-5-mini-2025-08-07", "GPT-5 mini", "2025-08-07", 400000),
 )
 # On every 2026 list GitLab published; claude-sonnet-4-5-20250929 retires 2026-11-30.
 DEFAULT_MODEL = "claude-sonnet-4-6"
@@ -125,8 +144,20 @@ def model_kind(model_id):
     return family, (int(major), int(minor or 0), date or "")
 
 
-def guess_provider(model_id):
-    return _O if re.match(r"^(gpt-|o\d|codex)", model_id) else _A
+def guess_model(model_id):
+    """What a model id not in the catalog most likely is, by the rules of its family:
+    GPT and the o-series speak OpenAI's API (GPT-5 and later want max_completion_tokens);
+    Claude thinks adaptively from 4.6 on, with "xhigh" from 4.7 on."""
+    name, date = display_name_for(model_id), created_for(model_id)
+    openai = re.match(r"^(?:gpt-(\d+)|o\d|codex)", model_id)
+    if openai:
+        new = openai.group(1) is None or int(openai.group(1)) >= 5
+        return Model(model_id, name, date, OPENAI, 200000, None,
+                     "max_completion_tokens" if new else "max_tokens")
+    kind = model_kind(model_id) if model_id.startswith("claude-") else None
+    version = kind[1][:2] if kind else (0, 0)
+    thinking = ADAPTIVE_XHIGH if version >= (4, 7) else ADAPTIVE if version >= (4, 6) else BUDGET
+    return Model(model_id, name, date, ANTHROPIC, 200000, thinking, "max_tokens")
 
 
 def display_name_for(model_id):
@@ -153,9 +184,7 @@ def build_catalog(spec, builtin=MODEL_CATALOG):
         if entry.startswith("-"):
             models = [m for m in models if m.id != model_id]
         elif all(m.id != model_id for m in models):
-            models.append(known.get(model_id) or Model(
-                model_id, display_name_for(model_id), created_for(model_id),
-                guess_provider(model_id), 200000))
+            models.append(known.get(model_id) or guess_model(model_id))
     models.sort(key=lambda m: (m.created_at, m.id), reverse=True)
     return tuple(models)
 
@@ -172,12 +201,12 @@ class Catalog:
     def from_config(cls, config):
         return cls(build_catalog(config.models), config.default_model)
 
-    def ids(self, provider=None):
-        return [m.id for m in self.models if provider in (None, m.provider)]
+    def ids(self, api=None):
+        return [m.id for m in self.models if api in (None, m.api)]
 
-    def provider(self, model_id):
-        model = self.by_id.get(model_id)
-        return model.provider if model else guess_provider(model_id)
+    def spec(self, model_id):
+        """The catalog's entry for a model, or what the rules of its family make of it."""
+        return self.by_id.get(model_id) or guess_model(model_id)
 
     def resolve(self, name):
         """The id GitLab wants for a client's model name (unknown names unchanged)."""
@@ -219,9 +248,9 @@ class Catalog:
         kind = model_kind(model_id)
         return self.newest(kind[0], exclude=(model_id,)) if kind else None
 
-    def page(self, limit=20, after_id=None, before_id=None, provider=None):
+    def page(self, limit=20, after_id=None, before_id=None, api=None):
         """One page of /v1/models, newest first, as (models, has_more)."""
-        models = [m for m in self.models if provider in (None, m.provider)]
+        models = [m for m in self.models if api in (None, m.api)]
         ids = [m.id for m in models]
         for cursor in (after_id, before_id):
             if cursor is not None and cursor not in ids:
@@ -251,7 +280,7 @@ def model_entry(model):
             "created_at": model.created_at, "max_input_tokens": model.context_window,
             "lifecycle": "deprecated" if dates else "active",
             "deprecated_at": dates.get("deprecated_at"), "retires_at": dates.get("retires_at"),
-            "object": "model", "created": created, "owned_by": model.provider}
+            "object": "model", "created": created, "owned_by": model.api}
 
 
 def models_list_body(models, has_more):
@@ -306,8 +335,8 @@ class ProxyError(Exception):
         return self.kind or ERROR_TYPES.get(self.status) or (
             "invalid_request_error" if self.status < 500 else "api_error")
 
-    def body(self, dialect="anthropic"):
-        if dialect == "openai":
+    def body(self, dialect=ANTHROPIC):
+        if dialect == OPENAI:
             return openai_error_body(self.status, self.error_type, self.message)
         return anthropic_error_body(self.error_type, self.message)
 
@@ -355,7 +384,7 @@ class PassThrough(ProxyError):
         super().__init__("upstream error %d" % status, status, headers, retry)
         self.raw = raw
 
-    def body(self, dialect="anthropic"):
+    def body(self, dialect=ANTHROPIC):
         return self.raw
 
 
@@ -475,15 +504,16 @@ GATEWAY_STATUS_HINTS = {
 }
 
 
-def translate_gateway_error(status, raw, model, known_models, upstream=_A, dialect=_A):
+def translate_gateway_error(status, raw, model, known_models, upstream=ANTHROPIC,
+                            dialect=ANTHROPIC):
     """The error a client gets for a failed gateway answer. An error already in the
     client's dialect passes through as it is (PassThrough); an Anthropic error reaching an
     OpenAI client keeps its message and type; GitLab's own shapes get a hint."""
     obj = parse_json_or_none(raw)
-    native = is_anthropic_error(obj) if upstream == _A else is_openai_error(obj)
+    native = is_anthropic_error(obj) if upstream == ANTHROPIC else is_openai_error(obj)
     if native and dialect == upstream:
         return PassThrough(status, raw)
-    if native and upstream == _A:
+    if native and upstream == ANTHROPIC:
         error = ProxyError(obj["error"].get("message") or "error", status)
         error.kind = obj["error"]["type"]
         return error
@@ -902,7 +932,7 @@ def validate_config(config, args):
 DIRECT_ACCESS_PATH = "/api/v4/ai/third_party_agents/direct_access"
 # GitLab ignores the body; its own client sends this, so we do too.
 DIRECT_ACCESS_BODY = b'{"feature_flags": {"DuoAgentPlatformNext": true}}'
-PROXY_PATHS = {_A: "/v1/proxy/anthropic", _O: "/v1/proxy/openai"}
+PROXY_PATHS = {ANTHROPIC: "/v1/proxy/anthropic", OPENAI: "/v1/proxy/openai"}
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 SECRET_HEADERS = frozenset((
     "authorization", "x-api-key", "proxy-authorization", "cookie", "set-cookie",
@@ -944,11 +974,11 @@ def parse_body(raw):
     if not text.strip():
         raise BadRequest("request body is empty; send a JSON object ({...})")
     try:
-        body = parse_json(text)
+        body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadRequest("request body is not valid JSON: %s%s at line %d column %d (char %d)" % (
             exc.msg[:1].lower(), exc.msg[1:], exc.lineno, exc.colno, exc.pos)) from None
-    except ValueError:
+    except RecursionError:
         raise BadRequest(TOO_DEEP) from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object ({...}), not %s" % json_kind(body))
@@ -991,6 +1021,83 @@ def split_target(target):
     return path, params
 
 
+def read_body(headers, rfile, limit):
+    """A request's body from rfile, framed by Content-Length or chunked; LengthRequired
+    when it has neither; any other error leaves the rest of the body on the socket."""
+    encoding = headers.get("Transfer-Encoding")
+    if encoding:
+        if encoding.strip().lower() != "chunked":
+            raise BadRequest("Transfer-Encoding %r is not supported; send Content-Length or "
+                             "chunked" % safe_for_log(encoding))
+        return read_chunked(rfile, limit)
+    lengths = [v.strip() for v in headers.get_all("Content-Length") or []]
+    if not lengths:
+        raise LengthRequired("a request body needs a Content-Length header (or chunked "
+                             "transfer encoding)")
+    if len(set(lengths)) > 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
+        raise BadRequest("invalid Content-Length header")
+    length = int(lengths[0])
+    if length > limit:
+        raise too_large(length, limit)
+    data = rfile.read(length)
+    if len(data) < length:
+        raise BadRequest("the request body ended after %d of the %d bytes its Content-Length "
+                         "announced; send the whole body" % (len(data), length))
+    return data
+
+
+def too_large(length, limit):
+    return PayloadTooLarge("request body of %d bytes is over the proxy's limit of %d bytes "
+                           "(MAX_REQUEST_BYTES); shorten the conversation or raise the limit"
+                           % (length, limit))
+
+
+def read_chunked(rfile, limit):
+    parts, total = [], 0
+    while True:
+        line = rfile.readline(1026)
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise BadRequest("malformed chunked request body") from None
+        if size == 0:
+            break
+        total += size
+        if total > limit:
+            raise too_large(total, limit)
+        chunk = rfile.read(size)
+        if len(chunk) < size or rfile.read(2) != b"\r\n":
+            raise BadRequest("malformed or truncated chunked request body")
+        parts.append(chunk)
+    while rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+        pass  # trailer fields carry nothing we use
+    return b"".join(parts)
+
+
+def presented_key(headers):
+    """The key a client sent: x-api-key, a Bearer token, or a browser's Basic password."""
+    key = headers.get("x-api-key")
+    if key:
+        return key.strip()
+    scheme, _, value = (headers.get("Authorization") or "").partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("latin-1").partition(
+                ":")[2]
+        except ValueError:
+            return ""
+    return ""
+
+
+def response_head(status, fields):
+    """An HTTP/1.1 response head: the status line, then (name, value) fields, cleaned."""
+    lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, "Unknown"))]
+    lines.extend("%s: %s" % (k, clean_header_value(v)) for k, v in fields)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
 def join_beta(values):
     """Several anthropic-beta lines as one: the gateway keeps only the first line."""
     parts = []
@@ -1007,13 +1114,13 @@ def token_headers(token, exchange_headers):
     return headers
 
 
-def request_headers(client_headers, api=_A):
+def request_headers(client_headers, api=ANTHROPIC):
     """The headers that change from call to call; never the client's credentials."""
     headers = {}
     accept = client_headers.get("accept")
     if accept:
         headers["Accept"] = clean_header_value(accept)
-    if api == _A:
+    if api == ANTHROPIC:
         headers["anthropic-version"] = clean_header_value(
             client_headers.get("anthropic-version") or DEFAULT_ANTHROPIC_VERSION)
         beta = join_beta(client_headers.get_all("anthropic-beta") or [])
@@ -1108,17 +1215,29 @@ def redact_patterns(text):
     return _TOKEN_PATTERNS.sub("[redacted]", text)
 
 
-def sse_data(frame):
-    """The JSON of an SSE frame's data: lines (None if it has none or is not JSON)."""
-    lines = [line[5:].lstrip() for line in frame.splitlines() if line.startswith(b"data:")]
-    return parse_json_or_none(b"\n".join(lines)) if lines else None
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 
 
-def event_boundary(buf):
-    """End of the last complete SSE event in buf (0 if none is complete)."""
-    lf = buf.rfind(b"\n\n")
-    crlf = buf.rfind(b"\r\n\r\n")
-    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+def sse_split(buf):
+    """(the whole SSE events at the start of buf, the partial event after them)."""
+    lf, crlf = buf.rfind(b"\n\n"), buf.rfind(b"\r\n\r\n")
+    cut = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+    return buf[:cut], buf[cut:]
+
+
+def sse_events(data, containing=b""):
+    """The JSON objects the data: lines of the whole events in data carry (only of the
+    events holding `containing`); events without a JSON object are skipped."""
+    for frame in _EVENT_END.split(data):
+        if containing not in frame:
+            continue
+        lines = [line[5:].lstrip() for line in frame.splitlines() if line.startswith(b"data:")]
+        try:
+            event = json.loads(b"\n".join(lines)) if lines else None
+        except (ValueError, RecursionError):
+            continue  # not JSON: nothing to read in it
+        if isinstance(event, dict):
+            yield event
 
 
 USAGE_KEYS = {"input_tokens": "input", "output_tokens": "output",
@@ -1128,8 +1247,14 @@ USAGE_KEYS = {"input_tokens": "input", "output_tokens": "output",
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_creation")
 
 
-def merge_usage(usage, reported):
-    """Token counts an answer reported, folded into usage (one dict per request)."""
+def read_usage(usage, answer):
+    """Fold the token counts an answer or event reports into usage (one dict per request):
+    its own "usage", or that of the message (Anthropic's message_start) or response
+    (OpenAI's Responses events) it carries. Anything malformed counts nothing."""
+    if not isinstance(answer, dict):
+        return
+    inner = answer.get("message") or answer.get("response")
+    reported = (inner if isinstance(inner, dict) else answer).get("usage")
     if not isinstance(reported, dict):
         return
     for key, name in USAGE_KEYS.items():
@@ -1137,15 +1262,9 @@ def merge_usage(usage, reported):
         if isinstance(value, int) and not isinstance(value, bool):
             usage[name] = value
     details = reported.get("prompt_tokens_details") or reported.get("input_tokens_details")
-    if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
-        usage["cache_read"] = details["cached_tokens"]
-
-
-def usage_of(data):
-    """The usage object of a JSON answer (None when it has none)."""
-    answer = parse_json_or_none(data)
-    usage = answer.get("usage") if isinstance(answer, dict) else None
-    return usage if isinstance(usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if isinstance(cached, int) and not isinstance(cached, bool):
+        usage["cache_read"] = cached
 
 
 # === OpenAI translation ===
@@ -1165,10 +1284,11 @@ ChatPlan = collections.namedtuple("ChatPlan", "body model stream include_usage j
 
 
 def chat_to_anthropic(req, model):
-    """An OpenAI chat completions request as an Anthropic Messages request (a ChatPlan)."""
+    """An OpenAI chat completions request as an Anthropic Messages request for a model (its
+    catalog entry), as a ChatPlan."""
     refuse_unsupported(req)
     system, messages = chat_messages(req.get("messages"))
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens_of(req)}
+    body = {"model": model.id, "messages": messages, "max_tokens": max_tokens_of(req)}
     if system:
         body["system"] = system
     json_mode = add_tools(body, req)
@@ -1180,7 +1300,7 @@ def chat_to_anthropic(req, model):
         body["stream"] = True
     options = req.get("stream_options")
     include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    return ChatPlan(body, model, stream, include_usage, json_mode)
+    return ChatPlan(body, model.id, stream, include_usage, json_mode)
 
 
 def refuse_unsupported(req):
@@ -1414,12 +1534,6 @@ def add_sampling(body, req):
         body["metadata"] = {"user_id": req["user"][:256]}
 
 
-def thinking_version(model):
-    """(major, minor) of a Claude model, for which kind of thinking it takes."""
-    kind = model_kind(model) if model.startswith("claude-") else None
-    return kind[1][:2] if kind else (0, 0)
-
-
 def add_thinking(body, effort, model):
     """reasoning_effort as thinking: adaptive with an effort for Claude 4.6 and later (4.7
     and the 5-series take nothing else), a token budget for 4.5 and older. Not after a
@@ -1433,10 +1547,9 @@ def add_thinking(body, effort, model):
     last = body["messages"][-1]
     if last["role"] == "user" and any(b["type"] == "tool_result" for b in last["content"]):
         return
-    version = thinking_version(model)
-    if version >= (4, 6):
-        if level == "xhigh" and version < (4, 7):
-            level = "high"  # 4.6 has no xhigh
+    if model.thinking in (ADAPTIVE, ADAPTIVE_XHIGH):
+        if level == "xhigh" and model.thinking == ADAPTIVE:
+            level = "high"
         body["thinking"] = {"type": "adaptive"}
         body["output_config"] = {"effort": level}
     else:
@@ -1447,19 +1560,6 @@ def add_thinking(body, effort, model):
         body["top_p"] = 0.95
 
 
-class ChatTranslation:
-    """A chat completions request for a Claude model: translated for whichever model
-    serves it (again, should a fallback change the model)."""
-
-    def __init__(self, req):
-        self.req = req
-        self.plan = None
-
-    def body(self, model):
-        self.plan = chat_to_anthropic(self.req, model)
-        return dump_json(self.plan.body)
-
-
 def finish_reason(stop_reason, json_mode):
     if json_mode and stop_reason == "tool_use":
         return "stop"
@@ -1467,7 +1567,7 @@ def finish_reason(stop_reason, json_mode):
 
 
 def chat_usage(usage):
-    """Token counts (as merge_usage collects them) in OpenAI's usage shape."""
+    """Token counts (as read_usage collects them) in OpenAI's usage shape."""
     cached = usage.get("cache_read", 0)
     prompt = usage.get("input", 0) + cached + usage.get("cache_creation", 0)
     completion = usage.get("output", 0)
@@ -1498,7 +1598,7 @@ def anthropic_to_chat(message, plan, created):
     if reasoning:
         reply["reasoning_content"] = "".join(reasoning)
     usage = {}
-    merge_usage(usage, message.get("usage"))
+    read_usage(usage, message)
     return {"id": "chatcmpl-" + str(message.get("id", "proxy")), "object": "chat.completion",
             "created": created, "model": plan.model, "system_fingerprint": None,
             "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason":
@@ -1506,29 +1606,118 @@ def anthropic_to_chat(message, plan, created):
             "usage": chat_usage(usage)}
 
 
-class ChatStream:
-    """Turns an Anthropic event stream into chat.completion.chunk events as it arrives:
-    the role first, then content, reasoning and tool-call deltas (each call with a stable
-    index, its id and name on its first delta), the finish reason, usage if asked, [DONE]."""
+def openai_error_frame(message, error_type="api_error"):
+    data = json.dumps({"error": {"message": message, "type": error_type, "param": None,
+                                 "code": None}})
+    return ("data: %s\n\n" % data).encode()
 
-    def __init__(self, plan, usage, created):
-        self.plan, self.usage, self.created = plan, usage, created
-        self.complete = False
+
+def anthropic_error_frame(message):
+    data = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+    return ("event: error\ndata: %s\n\n" % data).encode()
+
+
+# === Dialects ===
+
+class Adapter:
+    """How one request goes upstream and its answer comes back, for its dialect: the body
+    for a model, the client's bytes for a stream's whole events (feed) and for a plain
+    answer (answer), and the usage they report. This one is the Anthropic pass-through:
+    the body goes as it came (re-serialised only when the model's name changes) and the
+    answer comes back byte for byte; only usage and a stream's end are read on the way."""
+
+    api = dialect = ANTHROPIC  # the gateway's API; the client's dialect
+    END_MARKERS = (b"event: message_stop", b"event: error")
+    relays_headers = True  # the gateway's response headers reach the client
+
+    def __init__(self, path, members, raw, model, catalog):
+        self.path, self.members, self.raw, self.model = path, members, raw, model
+        self.catalog = catalog
+        self.usage = {}
+        self.complete = False  # a stream's end was seen
+
+    def body(self, model):
+        if model == self.members.get("model"):
+            return self.raw
+        return body_with(self.members, {"model": model})
+
+    def feed(self, data):
+        if any(marker in data for marker in self.END_MARKERS):
+            self.complete = True
+        for event in sse_events(data, b'"usage"') if b'"usage"' in data else ():
+            read_usage(self.usage, event)
+        return data
+
+    def answer(self, data):
+        read_usage(self.usage, parse_json_or_none(data))
+        return data
+
+    def error_frame(self, message):
+        return anthropic_error_frame(message)
+
+
+class OpenAIAdapter(Adapter):
+    """GPT and Codex models, chat completions or Responses, relayed as they are; only
+    max_tokens is renamed for the models that take max_completion_tokens."""
+
+    api = dialect = OPENAI
+    END_MARKERS = (b"data: [DONE]", b'"type":"response.completed"', b'"type":"response.failed"',
+                   b'"type": "response.completed"', b'"type":"response.incomplete"')
+
+    def body(self, model):
+        members = self.members
+        if self.path != "/v1/chat/completions" or "max_tokens" not in members \
+                or "max_completion_tokens" in members \
+                or self.catalog.spec(model).max_tokens_field != "max_completion_tokens":
+            return super().body(model)
+        return body_with(members, {"model": model}, {"max_tokens": "max_completion_tokens"})
+
+    def error_frame(self, message):
+        return openai_error_frame(message)
+
+
+class ChatAdapter(Adapter):
+    """OpenAI chat completions for a Claude model: translated to the Messages API for the
+    model that serves it (again, should a fallback change it), and the answer back, events
+    as they arrive: the role first, then content, reasoning and tool-call deltas (each call
+    with a stable index, its id and name on its first delta), the finish reason, usage if
+    asked, [DONE]."""
+
+    api, dialect = ANTHROPIC, OPENAI
+    relays_headers = False
+
+    def __init__(self, members, model, catalog, created):
+        super().__init__("/v1/messages", members, None, model, catalog)
+        self.plan = chat_to_anthropic(members, catalog.spec(model))  # a bad request: 400 now
+        self.created = created
         self.id = "chatcmpl-proxy"
         self.blocks = {}  # Anthropic block index -> tool call index, or JSON_TOOL
         self.finish_reason = "stop"
 
+    def body(self, model):
+        """The translation for model; the last one asked for is the model that served."""
+        if model != self.plan.model:
+            self.plan = chat_to_anthropic(self.members, self.catalog.spec(model))
+        return dump_json(self.plan.body)
+
+    def answer(self, data):
+        try:
+            message = parse_json(data)
+            read_usage(self.usage, message)
+            return json.dumps(anthropic_to_chat(message, self.plan, self.created)).encode()
+        except (ValueError, AttributeError, TypeError, RecursionError):
+            raise UpstreamUnreachable("GitLab's AI gateway sent an answer the proxy could not "
+                                      "translate") from None
+
     def feed(self, data):
         out = []
-        for frame in re.split(rb"\r?\n\r?\n", data):
-            payload = sse_data(frame) if frame.strip() else None
-            if isinstance(payload, dict):
-                handler = getattr(self, "on_" + str(payload.get("type")), None)
-                if handler is not None:
-                    out.extend(handler(payload))
+        for event in sse_events(data):
+            handler = getattr(self, "on_" + str(event.get("type")), None)
+            if handler is not None:
+                out.extend(handler(event))
         return b"".join(out)
 
-    def error(self, message):
+    def error_frame(self, message):
         return openai_error_frame(message)
 
     def chunk(self, delta, finish=None, usage=None):
@@ -1544,7 +1733,7 @@ class ChatStream:
     def on_message_start(self, event):
         message = event.get("message") or {}
         self.id = "chatcmpl-" + str(message.get("id", "proxy"))
-        merge_usage(self.usage, message.get("usage"))
+        read_usage(self.usage, event)
         return [self.chunk({"role": "assistant", "content": ""})]
 
     def on_content_block_start(self, event):
@@ -1577,7 +1766,7 @@ class ChatStream:
         return []
 
     def on_message_delta(self, event):
-        merge_usage(self.usage, event.get("usage"))
+        read_usage(self.usage, event)
         stop_reason = (event.get("delta") or {}).get("stop_reason")
         self.finish_reason = finish_reason(stop_reason, self.plan.json_mode)
         return []
@@ -1597,18 +1786,6 @@ class ChatStream:
         error = event.get("error") or {}
         return [openai_error_frame(str(error.get("message") or "upstream error"),
                                    OPENAI_ERROR_TYPES.get(error.get("type"), "server_error"))]
-
-
-def openai_error_frame(message, error_type="api_error"):
-    data = json.dumps({"error": {"message": message, "type": error_type, "param": None,
-                                 "code": None}})
-    return ("data: %s\n\n" % data).encode()
-
-
-def needs_completion_tokens(model):
-    """GPT-5 and later and the o-series refuse max_tokens and want max_completion_tokens."""
-    match = re.match(r"^(?:gpt-(\d+)|o\d)", model)
-    return bool(match) and (match.group(1) is None or int(match.group(1)) >= 5)
 
 
 # === Credentials and tokens ===
@@ -1750,9 +1927,11 @@ class TokenCache:
     backoff while the current token keeps serving until its own expiry.
     """
 
-    def __init__(self, exchange, clock=time.time, wait_timeout=120.0, on_result=None):
+    def __init__(self, exchange, clock=time.time, wait_timeout=120.0, on_result=None, key=None):
         self._exchange = exchange
         self._clock = clock
+        self.key = key  # team mode: the SHA-256 of the user's GitLab token
+        self.user = None  # team mode: who the token belongs to, once GitLab accepted it
         self._wait_timeout = wait_timeout
         self._on_result = on_result or (lambda ok: None)  # counts exchanges for /metrics
         self._lock = threading.Lock()
@@ -1780,9 +1959,12 @@ class TokenCache:
             return flight.token
         if token is not None and self._clock() < token.expires:
             return token  # the refresh failed, but this token still works
-        error = copy.copy(flight.error)  # each waiter its own: tracebacks and headers differ
-        error.headers = dict(error.headers)
-        raise error
+        raise copy.copy(flight.error)  # each waiter its own, for its own traceback
+
+    def for_client(self, key, address):
+        """The token provider's one question (see UserTokens): whose token serves a client.
+        Here, the one shared token, whoever asks; the proxy key is checked before."""
+        return self
 
     def _join(self):
         """(the exchange in flight, whether the caller must run it); under the lock."""
@@ -1827,10 +2009,14 @@ class TokenCache:
         self._on_result(flight.error is None)
         flight.done.set()
 
-    def secret(self):
-        """The current gateway token's value, for scrubbing it from texts; None if none."""
+    def caches(self):
+        """The caches to refresh ahead."""
+        return [self]
+
+    def secrets(self):
+        """The current gateway token's value, for scrubbing it from texts."""
         token = self._token
-        return token.token if token is not None else None
+        return [token.token] if token is not None else []
 
     def invalidate(self, token):
         """Forget token (once: concurrent 401s for the same token cause one new exchange)."""
@@ -1857,17 +2043,10 @@ class TokenCache:
         return state
 
 
-class TeamMember:
-    """Team mode: one user's token cache and GitLab username (their token is kept only
-    inside the cache's exchange, for refreshing, and forgotten with it)."""
-
-    def __init__(self, key, cache):
-        self.key, self.cache = key, cache
-        self.username = None  # known once GitLab accepted the token
-
-
 class UserTokens:
-    """Team mode: a token cache per GitLab user, keyed by a SHA-256 of their token.
+    """Team mode's token provider: a token cache per GitLab user, keyed by a SHA-256 of
+    their token (kept only inside the cache's exchange, for refreshing, and forgotten with
+    it).
 
     Only tokens GitLab accepted are kept (least recently used dropped first, forgotten
     after a day unused), so clients sending junk cannot push real users out. GitLab's
@@ -1883,53 +2062,56 @@ class UserTokens:
         self._max = max_users
         self._on_result = on_result or (lambda ok: None)  # counts exchanges for /metrics
         self._lock = threading.Lock()
-        self._members = collections.OrderedDict()  # key -> TeamMember, least recent first
-        self._pending = {}  # key -> TeamMember whose first exchange has not succeeded yet
+        self._members = collections.OrderedDict()  # key -> TokenCache, least recent first
+        self._pending = {}  # key -> TokenCache whose first exchange has not succeeded yet
         self._rejected = {}  # key -> (until, the error GitLab's answer gave)
         self._failures = {}  # client address -> times of its rejected tokens
 
     def __len__(self):
         return len(self._members)
 
-    def get(self, gitlab_token, address):
-        """The TeamMember for a token (401 at once for a token GitLab just rejected; 429
-        for a new token from an address whose tokens keep being rejected)."""
+    def for_client(self, gitlab_token, address):
+        """The token cache of the user whose GitLab token a client sent, once GitLab has
+        accepted it: 401 at once for a token GitLab just rejected, 429 for a new token from
+        an address whose tokens keep being rejected."""
+        if not gitlab_token:
+            raise Unauthorized("team mode: send your own GitLab token as the API key "
+                               "(x-api-key or Authorization: Bearer)", headers=CHALLENGE)
         key = hashlib.sha256(gitlab_token.encode("utf-8", "replace")).hexdigest()
         now = self._clock()
         with self._lock:
-            member = self._members.get(key)
-            if member is not None:
+            cache = self._members.get(key)
+            if cache is not None:
                 self._members.move_to_end(key)
-                return member
+                return cache
             self._check_rejected(key, now)
             self._check_address(address, now)
-            member = self._pending.get(key)
-            if member is None:
-                member = self._pending[key] = self._new_member(key, gitlab_token, address)
-            return member
+            cache = self._pending.get(key)
+            if cache is None:
+                cache = self._pending[key] = self._new_cache(key, gitlab_token, address)
+        cache.get()  # the first exchange, its answer checked
+        if cache.user is None:  # asked once per new token, outside the exchange
+            cache.user = self._upstream.username(gitlab_token) or "user-" + key[:8]
+        self._admit(cache)
+        return cache
 
-    def _new_member(self, key, gitlab_token, address):
+    def _new_cache(self, key, gitlab_token, address):
         source = FixedCredential(gitlab_token)
-        member = TeamMember(key, None)
+        return TokenCache(lambda: self._exchange(key, source, address), self._clock, key=key)
 
-        def exchange():
-            # A request that took the member just before GitLab rejected its token gets the
-            # remembered answer: GitLab is not asked twice.
-            with self._lock:
-                self._check_rejected(key, self._clock())
-            try:
-                payload = self._upstream.exchange(source)
-            except ProxyError as exc:
-                self._on_result(False)
-                self._failed(member, exc, address)
-                raise
-            self._on_result(True)
-            if member.username is None:
-                member.username = self._upstream.username(gitlab_token) or "user-" + key[:8]
-                self._admit(member)
-            return payload
-        member.cache = TokenCache(exchange, self._clock)
-        return member
+    def _exchange(self, key, source, address):
+        # A request that took the cache just before GitLab rejected its token gets the
+        # remembered answer: GitLab is not asked twice.
+        with self._lock:
+            self._check_rejected(key, self._clock())
+        try:
+            payload = self._upstream.exchange(source)
+        except ProxyError as exc:
+            self._on_result(False)
+            self._failed(key, exc, address)
+            raise
+        self._on_result(True)
+        return payload
 
     def _check_rejected(self, key, now):
         """Raise the error of GitLab's recent rejection of this token; under the lock."""
@@ -1949,25 +2131,25 @@ class UserTokens:
                               "client sends." % (len(times), address, wait),
                               headers={"retry-after": str(wait)}, retry=True)
 
-    def _failed(self, member, error, address):
+    def _failed(self, key, error, address):
         """A token whose exchange failed is not kept pending; a definitive rejection (401,
-        or 403 for a missing scope) is remembered, and counts against the address."""
+        or 403 for a missing scope) is remembered, and a new token's counts against the
+        address."""
         now = self._clock()
         with self._lock:
-            self._pending.pop(member.key, None)
+            new = self._pending.pop(key, None) is not None
             if not error.definitive:
                 return
-            self._members.pop(member.key, None)
-            self._rejected[member.key] = (now + REJECTED_MEMORY, error)
-            if member.username is None:
-                times = self._failures.setdefault(address, collections.deque())
-                times.append(now)
+            self._members.pop(key, None)
+            self._rejected[key] = (now + REJECTED_MEMORY, error)
+            if new:
+                self._failures.setdefault(address, collections.deque()).append(now)
             self._prune(now)
 
-    def _admit(self, member):
+    def _admit(self, cache):
         with self._lock:
-            self._pending.pop(member.key, None)
-            self._members[member.key] = member
+            self._pending.pop(cache.key, None)
+            self._members[cache.key] = cache
             while len(self._members) > self._max:
                 self._members.popitem(last=False)
 
@@ -1985,14 +2167,20 @@ class UserTokens:
         with self._lock:
             while self._members:
                 oldest = next(iter(self._members.values()))
-                if now - oldest.cache.last_used < TEAM_FORGET_IDLE:
+                if now - oldest.last_used < TEAM_FORGET_IDLE:
                     break
                 self._members.popitem(last=False)
             members = list(self._members.values())
-        return [m.cache for m in members if now - m.cache.last_used < refresh_idle]
+        return [c for c in members if now - c.last_used < refresh_idle]
 
     def secrets(self):
-        return [m.cache.secret() for m in list(self._members.values()) if m.cache.secret()]
+        return [s for cache in list(self._members.values()) for s in cache.secrets()]
+
+    def state(self):
+        return {"state": "per-user", "cached_users": len(self._members)}
+
+    def expires_in(self):
+        return None  # one per user: no single figure
 
 
 class TokenRefresher:
@@ -2131,9 +2319,10 @@ class ConnectionPool:
                 conn.close()
         return None
 
-    def release(self, endpoint, conn):
-        """Put a connection whose last answer was read to the end back for reuse."""
-        if conn.sock is None:
+    def release(self, endpoint, conn, resp):
+        """Put a connection back for reuse if its answer was read to the end, else close it."""
+        if conn.sock is None or not resp.isclosed() or resp.will_close:
+            conn.close()
             return
         with self._lock:
             idle = self._idle.setdefault(endpoint.origin, [])
@@ -2143,16 +2332,17 @@ class ConnectionPool:
         conn.close()
 
     def request(self, endpoint, method, path, body, headers, timeout):
-        """The Reply to a request, its head read; a dead pooled connection is replaced once."""
+        """(connection, response) of a request, the response's head read; a dead pooled
+        connection is replaced once. The caller gives the connection back (release) or
+        closes it."""
         for attempt in (0, 1):
             conn = self._take_idle(endpoint) if attempt == 0 else None
             reused = conn is not None
             conn = conn or self._connect(endpoint)
-            sock = conn.sock
-            sock.settimeout(timeout)
+            conn.sock.settimeout(timeout)
             try:
                 conn.request(method, path, body, headers)
-                return Reply(self, endpoint, conn, sock, conn.getresponse())
+                return conn, conn.getresponse()
             except (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
                 conn.close()
                 # A kept-alive connection the server closed meanwhile: nothing was processed.
@@ -2187,121 +2377,42 @@ def connection_alive(conn):
         return False
 
 
-class Reply:
-    """An upstream answer whose head has arrived (an http.client response); owns its
-    connection until finished, then gives it back to the pool if it was read whole."""
-
-    def __init__(self, pool, endpoint, conn, sock, resp):
-        self.pool, self.endpoint, self.conn, self.sock = pool, endpoint, conn, sock
-        self.resp = resp
-        self.status = resp.status
-        self.headers = resp.headers
-        self.request_id = re.sub(r"[^A-Za-z0-9_.:-]", "",  # it is echoed to the client
-                                 resp.headers.get("x-request-id") or "")[:128] or None
-        self.is_stream = (resp.headers.get("content-type") or "").lower().startswith(
-            "text/event-stream")
-        self._data = None
-        self._done = False
-
-    def read_all(self):
-        """The whole body (read once, kept: an error is looked at more than once)."""
-        if self._data is None:
-            try:
-                self._data = self.resp.read()
-            except (OSError, http.client.HTTPException) as exc:
-                self.close()
-                raise UpstreamUnreachable("the gateway's answer broke off: %s"
-                                          % describe_network_error(exc, self.endpoint)) from None
-            self.finish()
-        return self._data
-
-    def finish(self):
-        """Return the connection to the pool if the answer was read whole, else close it."""
-        if not self._done:
-            self._done = True
-            if self.resp.isclosed() and not self.resp.will_close:
-                self.pool.release(self.endpoint, self.conn)
-            else:
-                self.conn.close()
-
-    def close(self):
-        if not self._done:
-            self._done = True
-            self.conn.close()
-            self.resp.close()
+def read_whole(pool, endpoint, conn, resp):
+    """The whole body of an answer; its connection goes back to the pool."""
+    try:
+        data = resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise UpstreamUnreachable("the gateway's answer broke off: %s"
+                                  % describe_network_error(exc, endpoint)) from None
+    pool.release(endpoint, conn, resp)
+    return data
 
 
-class Payload:
-    """What a request sends upstream: the model it asked for, the model it is sent to,
-    and the body for that model (made again should a fallback change the model)."""
-
-    def __init__(self, model, make_body):
-        self.requested = self.model = model
-        self._make_body = make_body
-        self.body = make_body(model)
-
-    def use(self, model):
-        self.model = model
-        self.body = self._make_body(model)
-
-
-class ModelFallbacks:
-    """Which model serves requests for a model GitLab does not serve, remembered for an
-    hour (a model GitLab adds later is then found) and bounded whatever names clients
-    send. Each new fallback is logged once, as a warning."""
-
-    def __init__(self, catalog, enabled=True, clock=time.monotonic, max_entries=256):
-        self.catalog, self.enabled, self._clock = catalog, enabled, clock
-        self._max = max_entries
-        self._lock = threading.Lock()
-        self._known = collections.OrderedDict()  # requested -> (served, until)
-
-    def remembered(self, model):
-        with self._lock:
-            entry = self._known.get(model)
-            if entry is None or entry[1] <= self._clock():
-                self._known.pop(model, None)
-                return None
-            return entry[0]
-
-    def choose(self, requested, rejected):
-        """The model to try after GitLab rejected `rejected` for a request for `requested`
-        (None: no fallback: it is off, the name has no known family, or the fallback
-        itself was rejected)."""
-        if not self.enabled or not requested or rejected != requested:
-            self.forget(requested)
-            return None
-        served = self.catalog.fallback_for(requested)
-        if served is None:
-            return None
-        with self._lock:
-            self._known[requested] = (served, self._clock() + FALLBACK_MEMORY)
-            self._known.move_to_end(requested)
-            while len(self._known) > self._max:
-                self._known.popitem(last=False)
-        log.warning("GitLab does not serve model %s: serving it with %s (the newest of its "
-                    "family) for the next hour; set MODEL_FALLBACK=off to get GitLab's error "
-                    "instead", safe_for_log(requested), served)
-        return served
-
-    def forget(self, requested):
-        with self._lock:
-            self._known.pop(requested, None)
+# What Upstream.call found: the answer's status, headers and body (None for a stream, whose
+# response, upstream socket and connection the caller then owns), the model that served,
+# whether the token was renewed on the way, and the seconds to the answer's head.
+Result = collections.namedtuple("Result", "status headers body response sock conn model "
+                                          "refreshed seconds")
 
 
 class Upstream:
     """Calls GitLab (token exchange) and the AI gateway: retries, one token refresh, one
     retry of a transient entitlement failure and one model fallback per request, all
-    before any byte reaches the client."""
+    before any byte reaches the client. A fallback (the newest catalog model of the
+    family, for a model GitLab does not serve) is remembered for an hour, so a model
+    GitLab adds later is found, and bounded whatever names clients send."""
 
-    def __init__(self, config, pool, stopping, fallbacks=None, rng=random.random):
-        self.config = config
-        self.pool = pool
-        self.stopping = stopping
-        self.fallbacks = fallbacks or ModelFallbacks(None, enabled=False)
-        self.rng = rng
+    def __init__(self, config, pool, stopping, catalog=None, rng=random.random,
+                 clock=time.monotonic, max_fallbacks=256):
+        self.config, self.pool, self.stopping, self.catalog = config, pool, stopping, catalog
+        self.rng, self._clock, self._max_fallbacks = rng, clock, max_fallbacks
         self.gitlab = Endpoint.parse(config.instance_url)
         self.gateway = Endpoint.parse(config.gateway_base)
+        self._lock = threading.Lock()
+        self.fallbacks = collections.OrderedDict()  # requested -> (served, until)
+        wait = max(1, round(2 * config.retry_base_delay))
+        self._retry_later = {"retry-after": "%d" % wait}
 
     def exchange(self, credentials):
         """GitLab's direct_access answer for the user's token; one re-read of a token file
@@ -2323,9 +2434,10 @@ class Upstream:
                    "Accept": "application/json", "User-Agent": USER_AGENT}
         where = self.gitlab.origin
         try:
-            reply = self.pool.request(self.gitlab, "POST", self.gitlab.path + DIRECT_ACCESS_PATH,
-                                      DIRECT_ACCESS_BODY, headers, self.config.token_timeout)
-            raw = reply.read_all()
+            conn, resp = self.pool.request(self.gitlab, "POST", self.gitlab.path +
+                                           DIRECT_ACCESS_PATH, DIRECT_ACCESS_BODY, headers,
+                                           self.config.token_timeout)
+            raw = read_whole(self.pool, self.gitlab, conn, resp)
         except socket.timeout:
             raise ProxyError("GitLab at %s did not answer the token exchange within %g s; it may "
                              "be down or slow, retry shortly" % (where, self.config.token_timeout),
@@ -2333,8 +2445,8 @@ class Upstream:
         except (OSError, http.client.HTTPException) as exc:
             raise UpstreamUnreachable("cannot reach GitLab for the token exchange: %s"
                                       % describe_network_error(exc, self.gitlab)) from None
-        if not 200 <= reply.status < 300:
-            raise translate_token_error(reply.status, raw, retry_after_seconds(reply.headers))
+        if not 200 <= resp.status < 300:
+            raise translate_token_error(resp.status, raw, retry_after_seconds(resp.headers))
         payload = parse_json_or_none(raw)
         if payload is None:
             raise UpstreamUnreachable("GitLab's token exchange at %s did not answer JSON; check "
@@ -2346,9 +2458,9 @@ class Upstream:
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         if token:
             headers["Authorization"] = "Bearer " + token
-        reply = self.pool.request(self.gitlab, "GET", self.gitlab.path + path, None, headers,
-                                  self.config.token_timeout)
-        return reply.status, parse_json_or_none(reply.read_all())
+        conn, resp = self.pool.request(self.gitlab, "GET", self.gitlab.path + path, None,
+                                       headers, self.config.token_timeout)
+        return resp.status, parse_json_or_none(read_whole(self.pool, self.gitlab, conn, resp))
 
     def username(self, gitlab_token):
         """The GitLab username a token belongs to; None when GitLab will not say."""
@@ -2359,93 +2471,130 @@ class Upstream:
         name = user.get("username") if status == 200 and isinstance(user, dict) else None
         return safe_for_log(name, 64) if isinstance(name, str) and name else None
 
-    def call(self, tokens, api, path, payload, client_headers, ctx):
-        """POST to the gateway; a Reply with any status, after retries and second tries."""
-        full_path = self.gateway.path + PROXY_PATHS[api] + path
+    def call(self, adapter, tokens, headers):
+        """POST the adapter's body to the gateway with the client's headers (a dict); one
+        Result with any status, after retries and second tries. Raises only when no answer
+        came at all."""
+        target = self.gateway.path + PROXY_PATHS[adapter.api] + adapter.path
         deadline = time.monotonic() + self.config.retry_max_seconds
-        remembered = self.fallbacks.remembered(payload.model)
-        if remembered:
-            payload.use(remembered)
-        attempt, second_tries = 0, set()
+        model, attempt, tried = self._remembered(adapter.model), 0, set()
         while True:
-            token = tokens.get()
-            outcome = self._attempt(token, api, full_path, payload.body, client_headers, ctx)
-            if isinstance(outcome, Reply):
-                again = self._second_try(outcome, token, tokens, payload, ctx, second_tries)
+            body, token = adapter.body(model), tokens.get()
+            try:
+                result = self._send(target, token, headers, body)
+            except ProxyError as exc:  # no answer: a network failure or a timeout
+                wait, reason = self._retry_wait(attempt, {}, deadline), exc.message
+                if wait is None:
+                    raise
+            else:
+                again, model = self._second_try(result, adapter.model, model, tried)
+                if again == "token":
+                    tokens.invalidate(token)
                 if again:
-                    second_tries.add(again)
+                    tried.add(again)
                     continue
-                if outcome.status not in RETRY_STATUSES:
-                    return outcome
-            wait = self._retry_wait(attempt, outcome, deadline)
-            if wait is None:
-                if isinstance(outcome, Reply):
-                    return outcome
-                outcome.retry = True
-                wait = max(1, round(2 * self.config.retry_base_delay))
-                outcome.headers["retry-after"] = "%d" % wait
-                raise outcome
-            reason = ("answered %d" % outcome.status if isinstance(outcome, Reply)
-                      else "failed (%s)" % outcome.message)
+                wait = self._retry_wait(attempt, result.headers, deadline) \
+                    if result.status in RETRY_STATUSES else None
+                if wait is None:
+                    return result._replace(model=model, refreshed="token" in tried)
+                reason = "answered %d" % result.status
             log.info("gateway %s; retry %d in %.2fs", reason, attempt + 1, wait)
-            if isinstance(outcome, Reply):
-                outcome.read_all()
             self._pause(wait)
             attempt += 1
 
-    def _second_try(self, reply, token, tokens, payload, ctx, done):
-        """Why this answer deserves one more attempt (each reason once per request):
-        "token" after a 401, "entitlement" after a not_entitled 403 (GitLab's billing check
-        fails closed when it times out), "model" when a fallback serves a model GitLab does
-        not. None when it deserves none."""
-        if reply.status == 401 and "token" not in done:
-            reply.read_all()
-            tokens.invalidate(token)
-            ctx.refreshed = True
+    def _send(self, target, token, client_headers, body):
+        """One POST: the Result, its body read unless it is a stream."""
+        headers = dict(token.headers)
+        headers.update(client_headers)
+        debug = log.isEnabledFor(logging.DEBUG)
+        if debug:
+            log.debug("gateway request POST %s headers %s", target, redact_headers(headers.items()))
+        started = time.monotonic()
+        try:
+            conn, resp = self.pool.request(self.gateway, "POST", target, body, headers,
+                                           self.config.read_timeout)
+        except socket.timeout:
+            raise UpstreamTimeout("GitLab's AI gateway did not answer within %g s (READ_TIMEOUT)"
+                                  % self.config.read_timeout, retry=True,
+                                  headers=self._retry_later) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise UpstreamUnreachable("cannot reach GitLab's AI gateway: %s"
+                                      % describe_network_error(exc, self.gateway), retry=True,
+                                      headers=self._retry_later) from None
+        seconds = time.monotonic() - started
+        if debug:
+            log.debug("gateway answered %d headers %s", resp.status,
+                      redact_headers(resp.headers.items()))
+        kind = (resp.headers.get("content-type") or "").lower()
+        if resp.status < 400 and kind.startswith("text/event-stream"):
+            return Result(resp.status, resp.headers, None, resp, conn.sock, conn, None, False,
+                          seconds)
+        body = read_whole(self.pool, self.gateway, conn, resp)
+        return Result(resp.status, resp.headers, body, None, None, None, None, False, seconds)
+
+    def _second_try(self, result, requested, model, tried):
+        """(why this answer deserves one more attempt, the model for it). Each reason once
+        per request: "token" after a 401, "entitlement" after a not_entitled 403 (GitLab's
+        billing check fails closed when it times out), "model" when a fallback serves a
+        model GitLab does not. (None, model) when it deserves none."""
+        if result.status == 401 and "token" not in tried:
             log.info("gateway rejected the token (401); exchanging a new one and replaying")
-            return "token"
-        problem = gateway_problem(reply.read_all()) if reply.status in (400, 403) else None
-        if problem == "not_entitled" and reply.status == 403 and "entitlement" not in done:
+            return "token", model
+        problem = gateway_problem(result.body) if result.status in (400, 403) else None
+        if problem == "not_entitled" and result.status == 403 and "entitlement" not in tried:
             log.info("gateway answered 403 not_entitled; retrying once in case it was transient")
             self._pause(backoff_delay(1, self.config.retry_base_delay, rng=self.rng))
-            return "entitlement"
-        if problem == "unsupported_model" and reply.status == 400:
-            # A fallback is chosen only for the model asked for; one that was itself
-            # refused is forgotten instead.
-            served = self.fallbacks.choose(payload.requested, payload.model)
+            return "entitlement", model
+        if problem == "unsupported_model" and result.status == 400:
+            served = self._fall_back(requested, model)
             if served:
-                payload.use(served)
-                return "model"
-        return None
+                return "model", served
+        return None, model
+
+    def _remembered(self, model):
+        """The model serving requests for model (itself, unless a fallback is remembered)."""
+        with self._lock:
+            entry = self.fallbacks.get(model)
+            if entry is not None and entry[1] > self._clock():
+                return entry[0]
+            self.fallbacks.pop(model, None)
+            return model
+
+    def _fall_back(self, requested, rejected):
+        """The model to try after GitLab rejected `rejected` for a request for `requested`
+        (None: no fallback: it is off, the name has no known family, or the fallback
+        itself was rejected, which is then forgotten)."""
+        served = None
+        if self.config.model_fallback and rejected == requested and self.catalog:
+            served = self.catalog.fallback_for(requested)
+        with self._lock:
+            self.fallbacks.pop(requested, None)
+            if served is not None:
+                self.fallbacks[requested] = (served, self._clock() + FALLBACK_MEMORY)
+                while len(self.fallbacks) > self._max_fallbacks:
+                    self.fallbacks.popitem(last=False)
+        if served is not None:
+            log.warning("GitLab does not serve model %s: serving it with %s (the newest of its "
+                        "family) for the next hour; set MODEL_FALLBACK=off to get GitLab's "
+                        "error instead", safe_for_log(requested), served)
+        return served
+
+    def release(self, result, whole):
+        """A streamed answer's connection: back to the pool if the stream ended whole."""
+        if whole:
+            self.pool.release(self.gateway, result.conn, result.response)
+        else:
+            result.conn.close()
 
     def _pause(self, seconds):
         if self.stopping.wait(seconds):
             raise ProxyError("the proxy is shutting down", 503, retry=True)
 
-    def _attempt(self, token, api, full_path, body, client_headers, ctx):
-        headers = dict(token.headers)
-        headers.update(request_headers(client_headers, api))
-        log.debug("gateway request POST %s headers %s", full_path, redact_headers(headers.items()))
-        started = time.monotonic()
-        try:
-            reply = self.pool.request(self.gateway, "POST", full_path, body, headers,
-                                      self.config.read_timeout)
-        except socket.timeout:
-            return UpstreamTimeout("GitLab's AI gateway did not answer within %g s (READ_TIMEOUT)"
-                                   % self.config.read_timeout)
-        except (OSError, http.client.HTTPException) as exc:
-            return UpstreamUnreachable("cannot reach GitLab's AI gateway: %s"
-                                       % describe_network_error(exc, self.gateway))
-        ctx.upstream_seconds = time.monotonic() - started
-        log.debug("gateway answered %d headers %s", reply.status,
-                  redact_headers(reply.headers.items()))
-        return reply
-
-    def _retry_wait(self, attempt, outcome, deadline):
+    def _retry_wait(self, attempt, headers, deadline):
         """Seconds to wait before the next attempt, or None to give up now."""
         if attempt >= self.config.retries:
             return None
-        hinted = retry_after_seconds(outcome.headers) if isinstance(outcome, Reply) else None
+        hinted = retry_after_seconds(headers)
         wait = hinted if hinted is not None else backoff_delay(
             attempt, self.config.retry_base_delay, rng=self.rng)
         if time.monotonic() + wait > deadline:
@@ -2455,120 +2604,68 @@ class Upstream:
 
 # === Relay ===
 
-END_MARKERS = {_A: (b"event: message_stop", b"event: error"),
-               _O: (b"data: [DONE]", b'"type":"response.completed"',
-                    b'"type": "response.completed"', b'"type":"response.failed"',
-                    b'"type":"response.incomplete"')}
+class Relay:
+    """One answer's event stream on its way to the client, whole events at a time, as they
+    arrive, through the adapter (which passes the bytes on or translates them); only a
+    trailing partial event waits for its end, so a broken upstream never leaves a torn
+    frame before the error. The DisconnectWatcher calls cut() when the client hangs up:
+    the upstream read ends at once, even while the gateway is silent."""
 
+    def __init__(self, client, upstream, wfile=None, chunked=True):
+        self.client, self.upstream, self.wfile, self.chunked = client, upstream, wfile, chunked
+        self.fd = client.fileno()  # what the watcher's selector knows it by, even once closed
+        self.lock = threading.Lock()
+        self.gone = threading.Event()
 
-class RelayedStream:
-    """An Anthropic or OpenAI event stream relayed as it is: the bytes pass untouched;
-    only the frames that carry token counts are read, and whether the end was seen."""
-
-    def __init__(self, usage, api=_A):
-        self.usage, self.api = usage, api
-        self.complete = False
-
-    def feed(self, data):
-        """Whole events in; the bytes to send the client out."""
-        if any(marker in data for marker in END_MARKERS[self.api]):
-            self.complete = True
-        if b'"usage"' in data:
-            for frame in re.split(rb"\r?\n\r?\n", data):
-                payload = sse_data(frame) if b'"usage"' in frame else None
-                if isinstance(payload, dict):  # usage at the top, or in "message" or "response"
-                    inner = payload.get("message") or payload.get("response")
-                    inner = inner if isinstance(inner, dict) else payload
-                    merge_usage(self.usage, inner.get("usage"))
-        return data
-
-    def error(self, message):
-        if self.api == _O:
-            return openai_error_frame(message)
-        data = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
-        return ("event: error\ndata: %s\n\n" % data).encode()
-
-
-class StreamRelay:
-    """Relays an upstream event stream as it arrives, whole events at a time: bytes pass
-    through untouched; only a trailing partial event waits for its end (no client can act
-    on half an event), so a broken upstream never leaves a torn frame before the error."""
-
-    def __init__(self, reply, wfile, chunked, protocol, config, watch):
-        self.reply, self.wfile, self.chunked, self.protocol = reply, wfile, chunked, protocol
-        self.config, self.watch = config, watch
-
-    def run(self):
+    def run(self, response, adapter, config):
         """Relay to the end; returns None, or why the stream was cut."""
-        self.reply.sock.settimeout(self.config.stream_idle_timeout)
-        deadline = time.monotonic() + self.config.stream_max_seconds
-        pending = b""
+        self.upstream.settimeout(config.stream_idle_timeout)
+        deadline = time.monotonic() + config.stream_max_seconds
+        pending, broken = b"", None
         while True:
             try:
-                data = self.reply.resp.read1(16384)  # what has arrived, without waiting
+                data = response.read1(16384)  # what has arrived, without waiting
             except socket.timeout:
                 return "GitLab's AI gateway sent nothing for %g s (STREAM_IDLE_TIMEOUT)" % (
-                    self.config.stream_idle_timeout)
+                    config.stream_idle_timeout)
             except (OSError, http.client.HTTPException) as exc:
-                self._check_client()
-                return "the connection to GitLab's AI gateway broke mid-stream (%s)" % (
-                    exc.__class__.__name__)
-            self._check_client()
+                data, broken = b"", exc.__class__.__name__
+            if self.gone.is_set():  # the watcher cut the upstream read
+                raise ClientGone("closed during the stream")
+            if broken:
+                return "the connection to GitLab's AI gateway broke mid-stream (%s)" % broken
+            # At the end, what is left is sent as it is: there is no more to wait for.
+            events, pending = sse_split(pending + data) if data else (pending, b"")
+            out = adapter.feed(events) if events else b""
+            if out:
+                self.write(out)
             if not data:
                 break
-            buf = pending + data
-            cut = event_boundary(buf)
-            if cut:
-                self._emit(buf[:cut])
-            pending = buf[cut:]
             if time.monotonic() > deadline:
                 return "the stream lasted longer than %g s (STREAM_MAX_SECONDS)" % (
-                    self.config.stream_max_seconds)
-        if pending:
-            self._emit(pending)
-        if not self.protocol.complete:
-            return "GitLab's AI gateway ended the stream before it was complete"
-        return None
-
-    def _check_client(self):
-        if self.watch.gone.is_set():
-            raise ClientGone("closed during the stream")
-
-    def _emit(self, data):
-        out = self.protocol.feed(data)
-        if out:
-            self.write(out)
+                    config.stream_max_seconds)
+        return None if adapter.complete else ("GitLab's AI gateway ended the stream before it "
+                                              "was complete")
 
     def write(self, data):
-        """To the client at once: chunked for HTTP/1.1, raw bytes until close otherwise."""
+        """To the client at once: chunked for HTTP/1.1 (b"" ends the body), raw bytes until
+        close otherwise."""
         try:
             self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         except OSError as exc:
             raise ClientGone(exc.__class__.__name__) from None
 
-    def end(self, failure=None):
-        """The error frame for a failure, and the end of the chunked body."""
-        if failure:
-            self.write(self.protocol.error(failure + "; retry the request."))
-        if self.chunked:
-            self.write(b"")
-
-
-class Watch:
-    """One client socket under watch while its stream runs, and the upstream socket to
-    cut should the client leave (None once the stream is over: from then on the upstream
-    connection may serve another request)."""
-
-    def __init__(self, sock, target):
-        self.sock, self.target = sock, target
-        self.fd = sock.fileno()  # what the selector knows it by, even once sock is closed
-        self.lock = threading.Lock()
-        self.gone = threading.Event()
-
-    def fire(self):
+    def cut(self):
+        """The client left (the watcher's thread): stop the upstream read."""
         with self.lock:
             self.gone.set()
-            abort_socket(self.target)
+            abort_socket(self.upstream)
+
+    def detach(self):
+        """The stream is over: from now on the upstream connection may serve another
+        request, so a client hanging up must not cut it."""
+        with self.lock:
+            self.upstream = None
 
 
 def abort_socket(sock):
@@ -2600,25 +2697,30 @@ class DisconnectWatcher:
         self._thread = None
         self._closed = False
 
-    def watch(self, sock, target):
-        watch = Watch(sock, target)
+    def watch(self, relay):
         with self._lock:
             if self._closed:
-                return watch
+                return relay
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="disconnect-watcher",
                                                 daemon=True)
                 self._thread.start()
-            self._register(watch)
+            try:
+                self._selector.register(relay.client, selectors.EVENT_READ, relay)
+            except KeyError:
+                # A socket closed while registered left its number behind, now reused.
+                self._selector.unregister(relay.client)
+                self._selector.register(relay.client, selectors.EVENT_READ, relay)
+            except (OSError, ValueError):
+                return relay  # closed before we got to it: nothing left to watch
         self._wake()
-        return watch
+        return relay
 
-    def unwatch(self, watch):
-        with watch.lock:
-            watch.target = None
+    def unwatch(self, relay):
+        relay.detach()
         with self._lock:
             if not self._closed:
-                self._forget(watch)
+                self._forget(relay)
 
     def _wake(self):
         try:
@@ -2654,36 +2756,24 @@ class DisconnectWatcher:
                 if key.data is not None and key.fileobj.fileno() == -1:
                     self._forget(key.data)
 
-    def _register(self, watch):
-        try:
-            self._selector.register(watch.sock, selectors.EVENT_READ, watch)
-        except KeyError:
-            # A socket closed while registered left its number behind, now reused.
-            self._selector.unregister(watch.sock)
-            self._selector.register(watch.sock, selectors.EVENT_READ, watch)
-        except (OSError, ValueError):
-            pass  # closed before we got to it: nothing left to watch
+    def _forget(self, relay):
+        """Unregister relay; True if it was still registered (by its number, as its socket
+        may be closed and the number reused)."""
+        key = self._selector.get_map().get(relay.fd)
+        if key is None or key.data is not relay:
+            return False
+        self._selector.unregister(relay.fd)
+        return True
 
-    def _registered(self, watch):
-        """Whether watch is still registered; by its number, as its socket may be closed."""
-        key = self._selector.get_map().get(watch.fd)
-        return key is not None and key.data is watch
-
-    def _forget(self, watch):
-        if self._registered(watch):  # else already dropped, and its number maybe reused
-            self._selector.unregister(watch.fd)
-
-    def _check(self, watch):
+    def _check(self, relay):
         with self._lock:
-            if not self._registered(watch):
-                return  # the stream ended meanwhile: this readiness is not ours to judge
-            state = peer_state(watch.sock)
-            if state == "idle":
-                return  # nothing arrived after all: keep watching
-            # Gone, or sending a next request: either way of no more interest.
-            self._forget(watch)
+            state = peer_state(relay.client) if self._forget(relay) else None
+            if state == "idle":  # nothing arrived after all: keep watching
+                self._selector.register(relay.client, selectors.EVENT_READ, relay)
+        # Else the stream ended meanwhile (this readiness is not ours to judge), or the
+        # client is gone or sending a next request: either way of no more interest.
         if state == "gone":
-            watch.fire()
+            relay.cut()
 
     def close(self):
         with self._lock:
@@ -2717,22 +2807,39 @@ def peer_state(sock):
 class RequestContext:
     """What one request did, for its log line and the statistics."""
 
-    def __init__(self, method, new_id):
-        self.method = method
-        self.new_id = new_id
-        self.dialect = _A  # the shape errors take: anthropic, or openai on OpenAI routes
-        self.path = self.route = self.model = self.status = self.request_id = None
+    def __init__(self, method, request_id):
+        self.method, self.request_id = method, request_id  # the gateway's replaces ours
+        self.dialect = ANTHROPIC  # the shape errors take: OpenAI's on the OpenAI routes
+        self.path = self.route = self.model = self.status = None
         self.upstream_seconds = self.fallback = None  # fallback: (requested, served) models
-        self.user = None  # team mode: the GitLab username
+        self.user = None  # team mode: whose GitLab token it was
         self.stream = self.refreshed = self.head_sent = self.body_read = False
         self.usage = {}
         self.started = time.monotonic()
         self.outcome = ""
 
-    def ensure_request_id(self):
-        if not self.request_id:
-            self.request_id = self.new_id()
-        return self.request_id
+    def log_line(self, redact):
+        parts = ["%s %s" % (safe_for_log(self.method or "-"), safe_for_log(self.path or "-"))]
+        if self.model:
+            parts.append("model=%s" % safe_for_log(self.model))
+        if self.fallback:
+            parts.append("fallback-from=%s" % safe_for_log(self.fallback[0]))
+        parts += ["status=%s" % (self.status or "-"),
+                  "%.0fms" % ((time.monotonic() - self.started) * 1000)]
+        if self.stream:
+            parts.append("stream")
+        if self.usage:
+            parts.append("in=%s out=%s" % (self.usage.get("input", "-"),
+                                           self.usage.get("output", "-")))
+        if self.user:
+            parts.append("user=%s" % self.user)
+        if self.refreshed:
+            parts.append("token-refreshed")
+        if self.request_id:
+            parts.append("request-id=%s" % self.request_id)
+        if self.outcome:
+            parts.append("(%s)" % redact(self.outcome))
+        return " ".join(parts)
 
 
 # Each route by the path /stats shows for it; its methods, and their handlers.
@@ -2740,7 +2847,7 @@ ROUTES = {
     "/": {"GET": "status", "HEAD": "status"},
     "/api/hello": {"GET": "hello", "HEAD": "hello"},  # Claude Code's connectivity probe
     "/v1/messages": {"POST": "messages"},
-    "/v1/messages/count_tokens": {"POST": "count_tokens"},
+    "/v1/messages/count_tokens": {"POST": "messages"},
     "/v1/models": {"GET": "list_models"},
     "/v1/models/{id}": {"GET": "get_model"},
     "/v1/chat/completions": {"POST": "chat_completions"},
@@ -2749,24 +2856,21 @@ ROUTES = {
     "/metrics": {"GET": "metrics"},
 }
 OPEN_ROUTES = frozenset(("status", "hello"))
-USAGE_ROUTES = frozenset(("stats", "metrics"))  # in team mode: a token GitLab accepts
+API_ROUTES = [(m, p) for p, methods in ROUTES.items() if p.startswith("/v1/") and "{" not in p
+              for m in methods]
+ROUTE_SUMMARY = "POST %s and GET %s" % tuple(", ".join(p for m, p in API_ROUTES if m == method)
+                                             for method in ("POST", "GET"))
 HTTP_ERROR_TEXT = {
     414: "the request URL is too long (limit 64 KiB)",
     431: "the request headers are too many or too long", 505: "HTTP version not supported",
 }
-
-
-def find_route(path):
-    """(the route's name, its methods) for a path; (None, None) when there is none."""
-    if path in ROUTES:
-        return path, ROUTES[path]
-    if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
-        return "/v1/models/{id}", ROUTES["/v1/models/{id}"]
-    return None, None
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="%s", charset="UTF-8"' % NAME}
 
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """One client connection (HTTP/1.1 keep-alive); do_* dispatch through ROUTES."""
+    """One client connection (HTTP/1.1 keep-alive); do_* dispatch through ROUTES to a
+    route_* method, which reads the request, picks the dialect's adapter, asks Upstream
+    and answers with what comes back, relayed as a stream or whole."""
 
     protocol_version = "HTTP/1.1"
     server_version = "%s/%s" % (NAME, __version__)
@@ -2775,29 +2879,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def setup(self):
         self.timeout = self.server.config.client_timeout
-        self.ctx = RequestContext("", self.server.new_request_id)
-        self.member = None
-        self.handshake_failed = False
         tls = self.server.tls_context
         if tls is not None:
-            # The handshake runs here, in the connection's own thread, not in the accept loop.
+            # The handshake runs here, in the connection's own thread, not in the accept loop;
+            # if it fails, socketserver closes the connection (handle and finish never run).
             self.request.settimeout(self.timeout)
             try:
                 self.request = self.connection = tls.wrap_socket(self.request, server_side=True)
             except (ssl.SSLError, OSError) as exc:
-                self.handshake_failed = True
                 log.info("TLS handshake with %s failed (%s)", self.client_address[0],
                          getattr(exc, "reason", None) or exc.__class__.__name__)
-                return
+                raise ConnectionAbortedError("TLS handshake failed") from None
         super().setup()
 
-    def handle(self):
-        if not self.handshake_failed:
-            super().handle()
-
     def finish(self):
-        if self.handshake_failed:
-            return  # wrap_socket closed the connection already
         try:
             super().finish()
         finally:
@@ -2819,40 +2914,43 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def dispatch(self):
         server = self.server
-        self.ctx = ctx = RequestContext(self.command, server.new_request_id)
-        self.member = None
-        with server.inflight:
-            try:
-                self.route()
-            except ProxyError as exc:
-                self.send_error_response(exc)
-            except ClientGone as exc:
-                self.client_gone(str(exc))
-            except socket.timeout:
-                self.client_gone("it sent or read nothing for %g s, CLIENT_TIMEOUT"
-                                 % self.timeout, "dropped")
-            except ConnectionError as exc:
-                self.client_gone(exc.__class__.__name__)
-            except Exception:
-                log.error("internal error on %s %s: %s", self.command, safe_for_log(ctx.path),
-                          server.redact(traceback.format_exc()))
-                self.send_error_response(ProxyError("internal proxy error (request %s); see the "
-                                                    "proxy's log" % ctx.ensure_request_id(), 500))
+        self.ctx = ctx = RequestContext(self.command, server.new_request_id())
+        server.inflight.enter()
+        try:
+            self.route()
+        except ProxyError as exc:
+            self.send_error_response(exc)
+        except ClientGone as exc:
+            self.client_gone(str(exc))
+        except socket.timeout:
+            self.client_gone("it sent or read nothing for %g s, CLIENT_TIMEOUT" % self.timeout,
+                             "dropped")
+        except ConnectionError as exc:
+            self.client_gone(exc.__class__.__name__)
+        except Exception:
+            log.error("internal error on %s %s: %s", self.command, safe_for_log(ctx.path),
+                      server.redact(traceback.format_exc()))
+            self.send_error_response(ProxyError("internal proxy error (request %s); see the "
+                                                "proxy's log" % ctx.request_id, 500))
+        finally:
             server.stats.record(ctx)
-            self.log_request_line()
+            log.info(ctx.log_line(server.redact))
+            server.inflight.leave()
         if server.stopping.is_set():
             self.close_connection = True
 
     def route(self):
         ctx = self.ctx
-        log.debug("client %s %s headers %s", self.command, safe_for_log(self.path),
-                  redact_headers(self.headers.items()))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("client %s %s headers %s", self.command, safe_for_log(self.path),
+                      redact_headers(self.headers.items()))
         ctx.path, query = split_target(self.path)
-        ctx.route, methods = find_route(ctx.path)
+        ctx.route = ctx.path if ctx.path in ROUTES else (
+            "/v1/models/{id}" if ctx.path.startswith("/v1/models/") else None)
+        methods = ROUTES.get(ctx.route)
         if methods is None:
-            raise NotFound("no such route: %s %s. This proxy serves POST /v1/messages, "
-                           "/v1/messages/count_tokens, /v1/chat/completions, /v1/responses and "
-                           "GET /v1/models" % (self.command, safe_for_log(ctx.path)))
+            raise NotFound("no such route: %s %s. This proxy serves %s" % (
+                safe_for_log(self.command), safe_for_log(ctx.path), ROUTE_SUMMARY))
         if self.command == "OPTIONS" and self.server.cors_origin(self.headers.get("Origin")):
             return self.respond(204, b"", [("Access-Control-Max-Age", "600")])
         name = methods.get(self.command)
@@ -2861,134 +2959,49 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 safe_for_log(self.command), ctx.path, " or ".join(sorted(methods))),
                 headers={"Allow": ", ".join(sorted(methods))})
         if name not in OPEN_ROUTES:
-            self.authorize(verify_user=name in USAGE_ROUTES)
+            self.authorize()
         getattr(self, "route_" + name)(query)
 
-    # --- authentication
-
-    def presented_key(self):
-        """The key a client sent: x-api-key, a Bearer token, or a browser's Basic password."""
-        key = self.headers.get("x-api-key")
-        if key:
-            return key.strip()
-        scheme, _, value = (self.headers.get("Authorization") or "").partition(" ")
-        if scheme.lower() == "bearer":
-            return value.strip()
-        if scheme.lower() == "basic":
-            try:
-                return base64.b64decode(value.strip(), validate=True).decode(
-                    "latin-1").partition(":")[2]
-            except ValueError:
-                return ""
-        return ""
-
-    def authorize(self, verify_user=False):
-        """Check the proxy key (team mode: take the client's GitLab token; verify_user also
-        proves it works, for pages that are not the user's own requests)."""
-        config = self.server.config
-        key = self.presented_key()
-        challenge = {"WWW-Authenticate": 'Basic realm="%s", charset="UTF-8"' % NAME}
-        if config.per_user:
-            if not key:
-                raise Unauthorized("team mode: send your own GitLab token as the API key "
-                                   "(x-api-key or Authorization: Bearer)", headers=challenge)
-            self.member = self.server.user_tokens.get(key, self.client_address[0])
-            if verify_user:
-                self.member.cache.get()
-        elif config.api_key and not hmac.compare_digest(key.encode("latin-1", "replace"),
-                                                         self.server.api_key_bytes):
+    def authorize(self):
+        """Check the proxy key, then ask the token provider whose token serves the client
+        (team mode: the client's own GitLab token, which GitLab must accept)."""
+        server = self.server
+        key = presented_key(self.headers)
+        if server.api_key_bytes and not hmac.compare_digest(key.encode("latin-1", "replace"),
+                                                            server.api_key_bytes):
             raise Unauthorized("missing or wrong proxy API key: send PROXY_API_KEY as x-api-key "
                                "or Authorization: Bearer (browsers: any user name, the key as "
-                               "password)", headers=challenge)
-
-    def token_cache(self):
-        return self.member.cache if self.member is not None else self.server.tokens
-
-    # --- request bodies
-
-    def read_body(self):
-        self.ctx.body_read = True
-        encoding = self.headers.get("Transfer-Encoding")
-        if encoding:
-            self.close_connection = True  # framing we did not choose: never reuse
-            if encoding.strip().lower() != "chunked":
-                raise BadRequest("Transfer-Encoding %r is not supported; send Content-Length or "
-                                 "chunked" % safe_for_log(encoding))
-            return self.read_chunked()
-        lengths = [v.strip() for v in self.headers.get_all("Content-Length") or []]
-        if not lengths:
-            raise LengthRequired("a request body needs a Content-Length header (or chunked "
-                                 "transfer encoding)")
-        if len(set(lengths)) > 1 or not (lengths[0].isascii() and lengths[0].isdigit()):
-            self.close_connection = True
-            raise BadRequest("invalid Content-Length header")
-        length = int(lengths[0])
-        self.check_size(length)
-        data = self.rfile.read(length)
-        if len(data) < length:
-            self.close_connection = True
-            raise BadRequest("the request body ended after %d of the %d bytes its Content-Length "
-                             "announced; send the whole body" % (len(data), length))
-        return data
-
-    def check_size(self, length):
-        limit = self.server.config.max_body
-        if length > limit:
-            self.close_connection = True
-            raise PayloadTooLarge("request body of %d bytes is over the proxy's limit of %d bytes "
-                                  "(MAX_REQUEST_BYTES); shorten the conversation or raise the "
-                                  "limit" % (length, limit))
-
-    def read_chunked(self):
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1026)
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise BadRequest("malformed chunked request body") from None
-            if size == 0:
-                break
-            total += size
-            self.check_size(total)
-            chunk = self.rfile.read(size)
-            if len(chunk) < size or self.rfile.read(2) != b"\r\n":
-                raise BadRequest("malformed or truncated chunked request body")
-            parts.append(chunk)
-        while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
-            pass  # trailer fields carry nothing we use
-        return b"".join(parts)
+                               "password)", headers=CHALLENGE)
+        self.tokens = server.tokens.for_client(key, self.client_address[0])
 
     def request_json(self):
-        """(raw body, its members, the model it asks for resolved; None if ill-typed:
-        the gateway then says what is wrong)."""
-        raw = self.read_body()
+        """(raw body, its members, the model it asks for, resolved)."""
+        self.ctx.body_read = True
+        try:
+            raw = read_body(self.headers, self.rfile, self.server.config.max_body)
+        except LengthRequired:
+            raise
+        except ProxyError:
+            self.close_connection = True  # the rest of the body is still on the socket
+            raise
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # framing we did not choose: never reuse
         members = parse_body(raw)
         model = members.get("model")
+        model = "" if model is None else model  # no model: the default one
+        if not isinstance(model, str):
+            raise BadRequest("model must be a string: the request needs a \"model\" string "
+                             "(such as %s), not %s" % (DEFAULT_MODEL, json_kind(model)))
         self.ctx.stream = members.get("stream") is True
-        if model is None or isinstance(model, str):
-            self.ctx.model = self.server.catalog.resolve(model or "")
+        self.ctx.model = self.server.catalog.resolve(model)
         return raw, members, self.ctx.model
-
-    def relay_payload(self, raw, members, model, completion_tokens=False):
-        """The client's body for a model: as it came, unless the model name (or, for GPT-5
-        and later, max_tokens) must change."""
-        def body_for(name):
-            renames = {}
-            if completion_tokens and name and needs_completion_tokens(name) \
-                    and "max_tokens" in members and "max_completion_tokens" not in members:
-                renames["max_tokens"] = "max_completion_tokens"
-            if name is None or (members.get("model") == name and not renames):
-                return raw
-            return body_with(members, {"model": name}, renames)
-        return Payload(model, body_for)
 
     # --- routes
 
     def route_status(self, query):
         # Browsers get the usage page (behind the key); API clients the open health answer.
         if "text/html" in (self.headers.get("Accept") or ""):
-            self.authorize(verify_user=True)
+            self.authorize()
             page = render_status_page(self.server.stats_snapshot()).encode("utf-8")
             return self.respond(200, page, [("Content-Type", "text/html; charset=utf-8"),
                                             ("Cache-Control", "no-store")])
@@ -3008,8 +3021,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def route_list_models(self, query):
         limit, after_id, before_id = parse_page_args(query)
         # Anthropic clients can only use Claude models; OpenAI clients see everything.
-        provider = _A if self.headers.get("anthropic-version") else None
-        models, has_more = self.server.catalog.page(limit, after_id, before_id, provider)
+        api = ANTHROPIC if self.headers.get("anthropic-version") else None
+        models, has_more = self.server.catalog.page(limit, after_id, before_id, api)
         self.respond_json(200, models_list_body(models, has_more))
 
     def route_get_model(self, query):
@@ -3022,138 +3035,106 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.respond_json(200, model_entry(model))
 
     def route_messages(self, query):
-        path = "/v1/messages?beta=true" if query.get("beta") == "true" else "/v1/messages"
-        self.forward_anthropic(path)
-
-    def route_count_tokens(self, query):
-        # The gateway serves count_tokens only with ?beta=true, whatever the client sent.
-        self.forward_anthropic("/v1/messages/count_tokens?beta=true")
-
-    def forward_anthropic(self, path):
+        """/v1/messages and /v1/messages/count_tokens, which the gateway serves only with
+        ?beta=true, whatever the client sent."""
         raw, members, model = self.request_json()
-        if model and self.server.catalog.provider(model) == _O:
+        catalog = self.server.catalog
+        if catalog.spec(model).api == OPENAI:
             raise BadRequest("%s is an OpenAI model; call it through POST /v1/chat/completions "
                              "or /v1/responses" % model)
-        self.forward(_A, path, self.relay_payload(raw, members, model))
+        beta = query.get("beta") == "true" or self.ctx.route.endswith("count_tokens")
+        path = self.ctx.route + ("?beta=true" if beta else "")
+        self.forward(Adapter(path, members, raw, model, catalog))
 
     def route_chat_completions(self, query):
-        self.ctx.dialect = _O
+        self.ctx.dialect = OPENAI
         raw, members, model = self.request_json()
-        if model and self.server.catalog.provider(model) == _O:
-            return self.forward(_O, "/v1/chat/completions",
-                                self.relay_payload(raw, members, model, True))
-        translation = ChatTranslation(members)
-        payload = Payload(model or self.server.catalog.default_model, translation.body)
-        created = int(time.time())
-        self.forward(_A, "/v1/messages", payload,
-                     lambda usage: ChatStream(translation.plan, usage, created),
-                     lambda message: anthropic_to_chat(message, translation.plan, created))
+        catalog = self.server.catalog
+        if catalog.spec(model).api == OPENAI:
+            return self.forward(OpenAIAdapter(self.ctx.route, members, raw, model, catalog))
+        self.forward(ChatAdapter(members, model, catalog, int(time.time())))
 
     def route_responses(self, query):
-        self.ctx.dialect = _O
+        self.ctx.dialect = OPENAI
         raw, members, model = self.request_json()
-        if model and self.server.catalog.provider(model) != _O:
+        catalog = self.server.catalog
+        if catalog.spec(model).api != OPENAI:
             raise BadRequest("%s is a Claude model: this proxy serves the Responses API for GPT "
                              "and Codex models only. Call Claude through POST "
                              "/v1/chat/completions (OpenAI format) or POST /v1/messages "
                              "(Anthropic format)." % model)
-        self.forward(_O, "/v1/responses", self.relay_payload(raw, members, model))
+        self.forward(OpenAIAdapter(self.ctx.route, members, raw, model, catalog))
 
-    def forward(self, api, path, payload, stream_protocol=None, transform=None):
-        """Send the payload to the gateway's api and answer the client with what comes
-        back: relayed as it is, or through stream_protocol and transform (translations)."""
-        ctx = self.ctx
-        try:
-            reply = self.server.upstream.call(self.token_cache(), api, path, payload,
-                                              self.headers, ctx)
-        finally:  # team mode: whose request this was, once GitLab has accepted their token
-            ctx.user = self.member.username if self.member is not None else None
-        try:
-            ctx.model = payload.model
-            if payload.model != payload.requested and reply.status < 400:
-                ctx.fallback = (payload.requested, payload.model)
-            ctx.request_id = reply.request_id or ctx.request_id
-            if reply.status >= 400:
-                raise self.upstream_error(reply, api)
-            headers = response_headers_for_client(reply.headers)
-            if reply.is_stream:
-                protocol = (stream_protocol(ctx.usage) if stream_protocol
-                            else RelayedStream(ctx.usage, api))
-                return self.relay_stream(reply, protocol, headers if transform is None else [])
-            data = reply.read_all()
-            if transform is not None:
-                data, headers = self.transformed(data, transform), []
-            else:
-                merge_usage(ctx.usage, usage_of(data))
-            self.respond(reply.status, data, headers)
-        finally:
-            reply.close()
+    def forward(self, adapter):
+        """Send the adapter's request to the gateway and answer the client with what comes
+        back, through the adapter: a stream event by event, anything else whole."""
+        server, ctx = self.server, self.ctx
+        ctx.user = self.tokens.user  # team mode: usage counts for whose token it is
+        result = server.upstream.call(adapter, self.tokens,
+                                      request_headers(self.headers, adapter.api))
+        ctx.model, ctx.refreshed, ctx.upstream_seconds = result.model, result.refreshed, \
+            result.seconds
+        if result.model != adapter.model and result.status < 400:
+            ctx.fallback = (adapter.model, result.model)
+        gateway_id = re.sub(r"[^A-Za-z0-9_.:-]", "",  # it is echoed to the client
+                            result.headers.get("x-request-id") or "")[:128]
+        ctx.request_id = gateway_id or ctx.request_id
+        if result.status >= 400:
+            raise gateway_error(result, adapter, server.catalog)
+        if result.response is not None:
+            return self.relay_stream(result, adapter)
+        data = adapter.answer(result.body)
+        ctx.usage = adapter.usage
+        headers = response_headers_for_client(result.headers) if adapter.relays_headers else []
+        self.respond(result.status, data, headers)
 
-    def transformed(self, data, transform):
-        """transform(the parsed answer) as JSON bytes, its usage noted on the way."""
-        try:
-            answer = parse_json(data)
-            merge_usage(self.ctx.usage, answer.get("usage"))
-            return json.dumps(transform(answer)).encode()
-        except (ValueError, AttributeError, TypeError, RecursionError):
-            raise UpstreamUnreachable("GitLab's AI gateway sent an answer the proxy could not "
-                                      "translate") from None
-
-    def upstream_error(self, reply, api):
-        raw = reply.read_all()
-        error = translate_gateway_error(reply.status, raw, self.ctx.model,
-                                        self.server.catalog.ids(api), api, self.ctx.dialect)
-        if reply.status in RETRY_STATUSES or reply.status >= 500:
-            hinted = retry_after_seconds(reply.headers)
-            error.headers.update({"x-should-retry": "true",
-                                  "retry-after": "%d" % max(1, math.ceil(hinted or 1))})
-        return error
-
-    def relay_stream(self, reply, protocol, headers):
-        ctx = self.ctx
+    def relay_stream(self, result, adapter):
+        ctx, server = self.ctx, self.server
         ctx.stream = True
         chunked = self.request_version != "HTTP/1.0"
         if not chunked:
             self.close_connection = True
+        headers = response_headers_for_client(result.headers) if adapter.relays_headers else []
         if not any(k.lower() == "content-type" for k, _ in headers):
-            headers = headers + [("Content-Type", "text/event-stream")]
-        extra = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
-        extra += [("Transfer-Encoding", "chunked")] if chunked else []
-        self.wfile.write(self.head_bytes(reply.status, headers + extra))
-        watch = self.server.watcher.watch(self.connection, reply.sock)
-        relay = StreamRelay(reply, self.wfile, chunked, protocol, self.server.config, watch)
+            headers.append(("Content-Type", "text/event-stream"))
+        headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+        headers += [("Transfer-Encoding", "chunked")] if chunked else []
+        relay = Relay(self.connection, result.sock, self.wfile, chunked)
+        failure = "the client left"  # unless the relay ends otherwise
+        server.watcher.watch(relay)
         try:
-            failure = relay.run()
+            self.wfile.write(self.head_bytes(result.status, headers))
+            failure = relay.run(result.response, adapter, server.config)
         finally:
             # Before the connection may go back to the pool: a client hanging up from now
             # on must not cut it under the next request that uses it.
-            self.server.watcher.unwatch(watch)
+            server.watcher.unwatch(relay)
+            server.upstream.release(result, failure is None)
+            ctx.usage = adapter.usage
         if failure:
             ctx.outcome = "cut: " + failure
-            log.warning("stream %s cut: %s", ctx.ensure_request_id(), failure)
-            reply.close()
-        else:
-            reply.finish()
-        relay.end(failure)
+            log.warning("stream %s cut: %s", ctx.request_id, failure)
+            relay.write(adapter.error_frame(failure + "; retry the request."))
+        if chunked:
+            relay.write(b"")  # the end of the body
 
     # --- writing answers
 
     def head_bytes(self, status, fields):
         ctx = self.ctx
         ctx.status, ctx.head_sent = status, True
-        lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, "Unknown")),
-                 "Date: " + email.utils.formatdate(usegmt=True), "Server: " + self.server_version,
-                 "request-id: " + ctx.ensure_request_id()]
-        lines.extend("%s: %s" % (k, clean_header_value(v)) for k, v in fields)
+        fields = [("Date", email.utils.formatdate(usegmt=True)),
+                  ("Server", self.server_version),
+                  ("request-id", ctx.request_id)] + list(fields)
         headers = getattr(self, "headers", None)  # absent when the request line was unreadable
-        origin = self.server.cors_origin(headers.get("Origin") if headers else None)
-        if origin:
-            lines.extend(cors_lines(origin))
+        origin = headers.get("Origin") if headers else None
+        if origin and self.server.cors_origin(origin):
+            fields.extend(cors_fields(origin))
         if self.close_connection:
-            lines.append("Connection: close")
+            fields.append(("Connection", "close"))
         elif self.request_version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            fields.append(("Connection", "keep-alive"))
+        return response_head(status, fields)
 
     def respond(self, status, body, headers=()):
         """Headers and body in one write."""
@@ -3189,10 +3170,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             code, text = 405, "method %s is not supported" % safe_for_log(self.command)
         else:
             text = HTTP_ERROR_TEXT.get(code) or "malformed HTTP request: %s" % (message or "error")
-        self.ctx = RequestContext(self.command or "", self.server.new_request_id)
+        self.ctx = RequestContext(self.command or "", self.server.new_request_id())
         self.ctx.path = safe_for_log(getattr(self, "path", "") or "-")
         self.send_error_response(ProxyError(text, code))
-        self.log_request_line()
+        log.info(self.ctx.log_line(self.server.redact))
 
     def client_gone(self, why, what="closed the connection"):
         self.close_connection = True
@@ -3200,34 +3181,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not self.ctx.status:
             self.ctx.status = 499
 
-    # --- logging
-
-    def log_request_line(self):
-        ctx = self.ctx
-        parts = ["%s %s" % (safe_for_log(ctx.method or "-"), safe_for_log(ctx.path or "-"))]
-        if ctx.model:
-            parts.append("model=%s" % safe_for_log(ctx.model))
-        if ctx.fallback:
-            parts.append("fallback-from=%s" % safe_for_log(ctx.fallback[0]))
-        parts += ["status=%s" % (ctx.status or "-"),
-                  "%.0fms" % ((time.monotonic() - ctx.started) * 1000)]
-        if ctx.stream:
-            parts.append("stream")
-        if ctx.usage:
-            parts.append("in=%s out=%s" % (ctx.usage.get("input", "-"),
-                                           ctx.usage.get("output", "-")))
-        if ctx.user:
-            parts.append("user=%s" % ctx.user)
-        if ctx.refreshed:
-            parts.append("token-refreshed")
-        if ctx.request_id:
-            parts.append("request-id=%s" % ctx.request_id)
-        if ctx.outcome:
-            parts.append("(%s)" % self.server.redact(ctx.outcome))
-        log.info(" ".join(parts))
-
     def log_message(self, fmt, *args):
         log.debug("http.server: " + fmt, *args)
+
+
+def gateway_error(result, adapter, catalog):
+    """The error a client gets for a gateway answer of 400 or above, with retry advice
+    for the statuses worth another try."""
+    error = translate_gateway_error(result.status, result.body, result.model,
+                                    catalog.ids(adapter.api), adapter.api, adapter.dialect)
+    if result.status in RETRY_STATUSES or result.status >= 500:
+        hinted = retry_after_seconds(result.headers)
+        error.headers.update({"x-should-retry": "true",
+                              "retry-after": "%d" % max(1, math.ceil(hinted or 1))})
+    return error
 
 
 def linger_close(sock, seconds=0.25, limit=MIB):
@@ -3248,12 +3215,12 @@ def linger_close(sock, seconds=0.25, limit=MIB):
         sock.close()
 
 
-def cors_lines(origin):
-    return ["Access-Control-Allow-Origin: " + clean_header_value(origin), "Vary: Origin",
-            "Access-Control-Allow-Methods: GET, POST, OPTIONS",
-            "Access-Control-Allow-Headers: authorization, content-type, x-api-key, "
-            "anthropic-version, anthropic-beta",
-            "Access-Control-Expose-Headers: request-id"]
+def cors_fields(origin):
+    return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+            ("Access-Control-Allow-Headers", "authorization, content-type, x-api-key, "
+             "anthropic-version, anthropic-beta"),
+            ("Access-Control-Expose-Headers", "request-id")]
 
 
 # === Server and main ===
@@ -3320,8 +3287,12 @@ class Stats:
 
     def record(self, ctx):
         failed = int((ctx.status or 500) >= 400)
+        # A model gets series of its own once it has served a request; others are "other".
+        model, served = ctx.model or "", ctx.upstream_seconds is not None and not failed
         with self._lock:
-            model = self._model_label(ctx)
+            if model and model not in self.models and not (
+                    served and len(self.models) < MAX_MODEL_SERIES):
+                model = "other"
             self.requests[(ctx.route or "other", model, str(ctx.status or 0))] += 1
             if model:
                 self._count(self.models, model, failed, ctx.usage)
@@ -3332,17 +3303,14 @@ class Stats:
             if ctx.fallback:
                 self._count_fallback(*ctx.fallback)
             if ctx.upstream_seconds is not None:
-                self._observe(ctx.route or "other", ctx.upstream_seconds)
-
-    def _model_label(self, ctx):
-        if not ctx.model:
-            return ""
-        if ctx.model in self.models:
-            return ctx.model
-        served = ctx.upstream_seconds is not None and (ctx.status or 500) < 400
-        if served and len(self.models) < MAX_MODEL_SERIES:
-            return ctx.model
-        return "other"
+                seconds = ctx.upstream_seconds
+                entry = self.latency.setdefault(ctx.route or "other",
+                                                [[0] * len(LATENCY_BUCKETS), 0.0, 0])
+                for i, bound in enumerate(LATENCY_BUCKETS):
+                    entry[0][i] += seconds <= bound
+                entry[1] += seconds
+                entry[2] += 1
+                self.recent.append(seconds * 1000)
 
     def _count_fallback(self, requested, served):
         names = {r for r, _ in self.fallbacks}
@@ -3356,14 +3324,6 @@ class Stats:
         counter["requests"] += 1
         counter["errors"] += failed
         counter.update(usage)
-
-    def _observe(self, route, seconds):
-        entry = self.latency.setdefault(route, [[0] * len(LATENCY_BUCKETS), 0.0, 0])
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            entry[0][i] += seconds <= bound
-        entry[1] += seconds
-        entry[2] += 1
-        self.recent.append(seconds * 1000)
 
     def count_exchange(self, ok):
         with self._lock:
@@ -3548,15 +3508,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.stopping = threading.Event()
         self.stats = Stats(clock)
         self.pool = ConnectionPool(config)
-        fallbacks = ModelFallbacks(self.catalog, config.model_fallback, clock)
-        self.upstream = Upstream(config, self.pool, self.stopping, fallbacks)
+        self.upstream = Upstream(config, self.pool, self.stopping, self.catalog, clock=clock)
         count = self.stats.count_exchange
-        self.user_tokens = (UserTokens(self.upstream, clock, on_result=count)
-                            if config.per_user else None)
-        credentials = CredentialSource(config, runner)
-        self.tokens = None if config.per_user else TokenCache(
-            lambda: self.upstream.exchange(credentials), clock, on_result=count)
-        self.refresher = TokenRefresher(self.caches_to_refresh, self.stopping)
+        if config.per_user:
+            self.tokens = UserTokens(self.upstream, clock, on_result=count)
+        else:
+            credentials = CredentialSource(config, runner)
+            self.tokens = TokenCache(lambda: self.upstream.exchange(credentials), clock,
+                                     on_result=count)
+        self.refresher = TokenRefresher(self.tokens.caches, self.stopping)
         self.api_key_bytes = config.api_key.encode("utf-8")
         self.tls_context = server_ssl_context(config)
         self.watcher = DisconnectWatcher()
@@ -3566,9 +3526,6 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self._request_ids = itertools.count(1)
         self._id_prefix = "req_proxy_%s_" % os.urandom(6).hex()
         super().__init__((config.host, config.port), handler_class)
-
-    def caches_to_refresh(self):
-        return self.user_tokens.caches() if self.user_tokens is not None else [self.tokens]
 
     def serve_forever(self, poll_interval=0.5):
         self.refresher.start()
@@ -3602,10 +3559,11 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         body = anthropic_error_body("overloaded_error", "the proxy has its maximum of %d "
                                     "connections open (MAX_CONNECTIONS); retry shortly"
                                     % self.config.max_connections)
-        head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                "Content-Length: %d\r\nretry-after: 1\r\nx-should-retry: true\r\n"
-                "request-id: %s\r\nConnection: close\r\n\r\n"
-                % (len(body), self.new_request_id())).encode()
+        head = response_head(503, [
+            ("Date", email.utils.formatdate(usegmt=True)), ("Server", ProxyHandler.server_version),
+            ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+            ("retry-after", "1"), ("x-should-retry", "true"),
+            ("request-id", self.new_request_id()), ("Connection", "close")])
         try:
             sock.setblocking(False)
             if self.tls_context is None:
@@ -3639,25 +3597,20 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             return origin
         return None
 
-    def token_state(self):
-        if self.user_tokens is not None:
-            return {"state": "per-user", "cached_users": len(self.user_tokens)}
-        return self.tokens.state()
-
     def status(self):
         config = self.config
         return {"name": NAME, "version": __version__, "status": "ok",
                 "gitlab_instance": config.instance_url, "ai_gateway": config.gateway_base,
-                "anthropic_base": config.gateway_base + PROXY_PATHS[_A],
+                "anthropic_base": config.gateway_base + PROXY_PATHS[ANTHROPIC],
                 "default_model": self.catalog.default_model, "models": len(self.catalog.models),
-                "gateway_token": self.token_state()}
+                "gateway_token": self.tokens.state()}
 
     def stats_snapshot(self):
         snap = self.stats.snapshot()
         result = stats_json(snap)
-        if self.user_tokens is not None:
+        if self.config.per_user:
             result["users"] = snap["users"]
-        result.update(name=NAME, version=__version__, gateway_token=self.token_state(),
+        result.update(name=NAME, version=__version__, gateway_token=self.tokens.state(),
                       upstream_connections_opened=dict(self.pool.opened),
                       connections={"open": self.connections.count,
                                    "max": self.config.max_connections,
@@ -3665,20 +3618,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         return result
 
     def metrics_text(self):
-        expires = self.tokens.expires_in() if self.tokens is not None else None
+        expires = self.tokens.expires_in()
         gauges = {"in_flight_requests": self.inflight.count,
                   "open_connections": self.connections.count,
                   "token_expires_in_seconds": None if expires is None else round(expires, 3)}
-        return render_metrics(self.stats.snapshot(), gauges, self.user_tokens is not None)
+        return render_metrics(self.stats.snapshot(), gauges, self.config.per_user)
 
     def redact(self, text):
         """text with every secret the proxy knows, and anything token-shaped, masked."""
-        secrets = list(self.config.secrets())
-        if self.tokens is not None and self.tokens.secret():
-            secrets.append(self.tokens.secret())
-        if self.user_tokens is not None:
-            secrets.extend(self.user_tokens.secrets())
-        for secret in secrets:
+        for secret in list(self.config.secrets()) + self.tokens.secrets():
             text = text.replace(secret, "[redacted]")
         return redact_patterns(text)
 
@@ -3942,28 +3890,29 @@ class Doctor:
     def tiny_request(self, model, free=False):
         """None if the gateway serves model; else why not. Free: Claude models through
         count_tokens, whose answer carries no usage, so GitLab does not bill it."""
-        if self.catalog.provider(model) == _O:
-            api, path, body = _O, "/v1/chat/completions", {"max_completion_tokens": 16,
-                                                            "messages": PING}
+        if self.catalog.spec(model).api == OPENAI:
+            adapter = OpenAIAdapter("/v1/chat/completions", {"max_completion_tokens": 16,
+                                                             "messages": PING}, None, model, None)
         elif free:
-            api, path, body = _A, "/v1/messages/count_tokens?beta=true", {"messages": PING}
+            adapter = Adapter("/v1/messages/count_tokens?beta=true", {"messages": PING}, None,
+                              model, None)
         else:
-            api, path, body = _A, "/v1/messages", {"max_tokens": 1, "messages": PING}
+            adapter = Adapter("/v1/messages", {"max_tokens": 1, "messages": PING}, None, model,
+                              None)
         tokens = TokenCache(lambda: self.payload, self.clock)
-        ctx = RequestContext("CHECK", lambda: "doctor")
-        payload = Payload(model, lambda name: dump_json(dict(body, model=name)))
         try:
-            reply = self.upstream.call(tokens, api, path, payload, http.client.HTTPMessage(), ctx)
-            raw = reply.read_all()
+            result = self.upstream.call(adapter, tokens,
+                                        request_headers(http.client.HTTPMessage(), adapter.api))
         except ProxyError as exc:
             return exc.message
-        if reply.status == 200:
+        if result.status == 200:
             return None
-        error = translate_gateway_error(reply.status, raw, model, self.catalog.ids(), api)
+        error = translate_gateway_error(result.status, result.body, model, self.catalog.ids(),
+                                        adapter.api)
         message = error.message
         if isinstance(error, PassThrough):
-            message = (error_message_of(parse_json_or_none(raw)) or short_text(raw))
-        return "HTTP %d: %s" % (reply.status, message)
+            message = error_message_of(parse_json_or_none(result.body)) or short_text(result.body)
+        return "HTTP %d: %s" % (result.status, message)
 
     def check_inference(self):
         model = self.catalog.default_model
@@ -4006,7 +3955,7 @@ def goose_provider(config, catalog):
             "description": "Claude through your GitLab Duo subscription, via gitlab-duo-proxy",
             "api_key_env": "GITLAB_DUO_PROXY_KEY", "base_url": proxy_base_url(config),
             "models": [{"name": m.id, "context_limit": m.context_window} for m in catalog.models
-                       if m.provider == _A],
+                       if m.api == ANTHROPIC],
             "supports_streaming": True, "requires_auth": bool(config.api_key or config.per_user),
             "timeout_seconds": 600}
 

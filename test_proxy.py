@@ -4,6 +4,7 @@ Run: python3 -m unittest -v        (the suite also passes under python3 -S -m un
 """
 
 import contextlib
+import hashlib
 import http.client
 import http.server
 import importlib.util
@@ -516,13 +517,27 @@ def openai_chat_stream(model):
             b"data: [DONE]\n\n"]
 
 
-def responses_stream(model):
-    return [sse("response.created", {"type": "response.created", "sequence_number": 0,
-                                     "response": {"id": "resp_1", "status": "in_progress", "model": model}}),
-            sse("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 1,
-                                               "delta": "Hi"}),
-            sse("response.completed", {"type": "response.completed", "sequence_number": 2, "response": {
-                "id": "resp_1", "status": "completed", "usage": {"input_tokens": 4, "output_tokens": 2}}})]
+def responses_stream(model, text="Hi"):
+    """What OpenAI's Responses API streams for a one-message answer, every event Codex CLI and
+    the SDK's responses.stream() need (a shorter stream makes both give up)."""
+    rid, iid, n = "resp_1", "msg_1", iter(range(100))
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": iid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    base = {"id": rid, "object": "response", "created_at": 1, "model": model}
+    usage = {"input_tokens": 4, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": 2,
+             "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 6}
+    where = {"item_id": iid, "output_index": 0, "content_index": 0}
+    events = [
+        ("response.created", {"response": dict(base, status="in_progress", output=[])}),
+        ("response.in_progress", {"response": dict(base, status="in_progress", output=[])}),
+        ("response.output_item.added", {"output_index": 0, "item": dict(item, status="in_progress", content=[])}),
+        ("response.content_part.added", dict(where, part=dict(part, text=""))),
+        ("response.output_text.delta", dict(where, delta=text)),
+        ("response.output_text.done", dict(where, text=text)),
+        ("response.content_part.done", dict(where, part=part)),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
+        ("response.completed", {"response": dict(base, status="completed", output=[item], usage=usage)})]
+    return [sse(name, dict({"type": name, "sequence_number": next(n)}, **data)) for name, data in events]
 
 
 def parse_sse(body):
@@ -614,6 +629,7 @@ class ProxyTestCase(unittest.TestCase):
         return [r for r in self.gitlab.requests if r.path == gdp.DIRECT_ACCESS_PATH]
 
 
+CATALOG = gdp.Catalog(gdp.build_catalog(""), gdp.DEFAULT_MODEL)
 SIMPLE = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -778,12 +794,12 @@ class CatalogTests(unittest.TestCase):
 
     def test_pages(self):
         ids = self.catalog.ids("anthropic")
-        page, more = self.catalog.page(3, provider="anthropic")
+        page, more = self.catalog.page(3, api="anthropic")
         self.assertEqual([m.id for m in page], ids[:3])
         self.assertTrue(more)
-        page, more = self.catalog.page(3, after_id=ids[2], provider="anthropic")
+        page, more = self.catalog.page(3, after_id=ids[2], api="anthropic")
         self.assertEqual([m.id for m in page], ids[3:6])
-        page, more = self.catalog.page(2, before_id=ids[3], provider="anthropic")
+        page, more = self.catalog.page(2, before_id=ids[3], api="anthropic")
         self.assertEqual([m.id for m in page], ids[1:3])
         self.assertTrue(more)
         with self.assertRaises(gdp.BadRequest):
@@ -907,13 +923,19 @@ class HelperTests(unittest.TestCase):
         self.assertTrue(gdp.proxy_bypassed("x", 1, "*"))
         self.assertFalse(gdp.proxy_bypassed("notexample.com", 443, "example.com"))
 
-    def test_usage_of_reads_only_the_usage_object(self):
-        answer = json.dumps({"content": [{"type": "text", "text": 'he said "usage": 5'}],
-                             "usage": {"input_tokens": 3, "output_tokens": 4}}).encode()
-        self.assertEqual(gdp.usage_of(answer), {"input_tokens": 3, "output_tokens": 4})
-        self.assertIsNone(gdp.usage_of(b'{"a": 1}'))
-        self.assertIsNone(gdp.usage_of(b'{"x": "usage"}'))
-        self.assertIsNone(gdp.usage_of(b'{"usage": [1]}'))
+    def test_read_usage_reads_only_usage_objects(self):
+        def usage_of(answer):
+            usage = {}
+            gdp.read_usage(usage, answer)
+            return usage
+        answer = {"content": [{"type": "text", "text": 'he said "usage": 5'}],
+                  "usage": {"input_tokens": 3, "output_tokens": 4}}
+        self.assertEqual(usage_of(answer), {"input": 3, "output": 4})
+        self.assertEqual(usage_of({"type": "message_start", "message": {"usage": {"input_tokens": 7}}}), {"input": 7})
+        self.assertEqual(usage_of({"response": {"usage": {"input_tokens": 2, "input_tokens_details": {
+            "cached_tokens": 1}}}}), {"input": 2, "cache_read": 1})
+        for odd in ({"a": 1}, {"x": "usage"}, {"usage": [1]}, [1], None, {"usage": {"input_tokens": True}}):
+            self.assertEqual(usage_of(odd), {}, odd)
 
     def test_retry_after_parsing(self):
         self.assertEqual(gdp.parse_retry_after("2"), 2.0)
@@ -1291,7 +1313,7 @@ class ModelsRouteTests(ProxyTestCase):
         resp = self.request("GET", "/v1/models?limit=1000", headers={"anthropic-version": "2023-06-01"})
         data = resp.json()
         ids = [m["id"] for m in data["data"]]
-        self.assertEqual(ids, [m.id for m in gdp.build_catalog("") if m.provider == "anthropic"])
+        self.assertEqual(ids, [m.id for m in gdp.build_catalog("") if m.api == "anthropic"])
         self.assertTrue(all(i.startswith("claude") for i in ids))
         self.assertFalse(data["has_more"])
         self.assertEqual((data["first_id"], data["last_id"]), (ids[0], ids[-1]))
@@ -1426,7 +1448,7 @@ class ModelFallbackTests(ProxyTestCase):
         resp = self.post("/v1/messages", dict(SIMPLE, model="claude-opus-5-5"))
         self.assertEqual(resp.status, 400)
         self.assertEqual(self.models_sent(), ["claude-opus-5-5", "claude-opus-5"])  # one fallback, no more
-        self.assertIsNone(self.proxy.upstream.fallbacks.remembered("claude-opus-5-5"))
+        self.assertNotIn("claude-opus-5-5", self.proxy.upstream.fallbacks)  # the refused fallback is forgotten
 
     def test_the_switch_through_the_command_line(self):
         environ = dict(os.environ, GITLAB_TOKEN=GITLAB_TOKEN, GITLAB_INSTANCE_URL=self.gitlab.url,
@@ -1530,12 +1552,12 @@ class RefreshAheadTests(ProxyTestCase):
         recent, idle = "glpat-RECENT00000000000000", "glpat-IDLE0000000000000000"
         self.duo.gitlab_tokens.update({recent, idle})
         users = gdp.UserTokens(self.proxy.upstream, clock=self.clock)
-        users.get(idle, "10.0.0.1").cache.get()  # and never again
-        users.get(recent, "10.0.0.1").cache.get()
+        users.for_client(idle, "10.0.0.1").get()  # and never again
+        users.for_client(recent, "10.0.0.1").get()
         self.clock.advance(1800)
-        users.get(recent, "10.0.0.1").cache.get()
+        users.for_client(recent, "10.0.0.1").get()
         self.clock.advance(1801)
-        self.assertEqual(users.caches(), [users.get(recent, "10.0.0.1").cache])
+        self.assertEqual(users.caches(), [users.for_client(recent, "10.0.0.1")])
         self.clock.advance(24 * 3600)  # a day unseen: forgotten
         users.caches()
         self.assertEqual(len(users), 0)
@@ -2446,7 +2468,7 @@ PNG = "data:image/png;base64,iVBORw0KGgo="
 class ChatTranslationTests(unittest.TestCase):
     def plan(self, model="claude-sonnet-4-6", **req):
         req.setdefault("messages", [{"role": "user", "content": "hi"}])
-        return gdp.chat_to_anthropic(req, model)
+        return gdp.chat_to_anthropic(req, CATALOG.spec(model))
 
     def test_conversation_with_images_tools_and_results(self):
         body = self.plan(messages=[
@@ -2582,9 +2604,9 @@ class ChatTranslationTests(unittest.TestCase):
         self.assertEqual((out["choices"][0]["message"]["content"], out["choices"][0]["finish_reason"]), ('{"a": 1}', "stop"))
         self.assertNotIn("tool_calls", out["choices"][0]["message"])
 
-    def chunks(self, plan, frames):
-        usage = {}
-        stream = gdp.ChatStream(plan, usage, 7)
+    def chunks(self, req, frames):
+        req.setdefault("messages", [{"role": "user", "content": "hi"}])
+        stream = gdp.ChatAdapter(req, "claude-sonnet-4-6", CATALOG, 7)
         out = b"".join(stream.feed(f) for f in frames)
         self.assertTrue(stream.complete)
         self.assertTrue(out.endswith(b"data: [DONE]\n\n"))
@@ -2592,7 +2614,7 @@ class ChatTranslationTests(unittest.TestCase):
                 if line.startswith("data: {")]
 
     def test_stream_translation_with_thinking_and_split_tool_arguments(self):
-        chunks = self.chunks(self.plan(stream=True, stream_options={"include_usage": True}),
+        chunks = self.chunks(dict(stream=True, stream_options={"include_usage": True}),
                              rich_stream("claude-sonnet-4-6"))
         deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
         self.assertEqual(deltas[0], {"role": "assistant", "content": ""})
@@ -2611,7 +2633,7 @@ class ChatTranslationTests(unittest.TestCase):
         self.assertTrue(all("usage" in c for c in chunks))
 
     def test_stream_translation_of_text_and_json_mode(self):
-        chunks = self.chunks(self.plan(stream=True), text_stream("m"))
+        chunks = self.chunks(dict(stream=True), text_stream("m"))
         self.assertEqual("".join(c["choices"][0]["delta"].get("content", "") for c in chunks), "Hello!")
         self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
         self.assertFalse(any("usage" in c for c in chunks))
@@ -2624,7 +2646,7 @@ class ChatTranslationTests(unittest.TestCase):
                 "type": "input_json_delta", "partial_json": ' 1}'}}),
             sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {}}),
             sse("message_stop", {"type": "message_stop"})]
-        chunks = self.chunks(self.plan(stream=True, response_format={"type": "json_object"}), json_frames)
+        chunks = self.chunks(dict(stream=True, response_format={"type": "json_object"}), json_frames)
         self.assertEqual(json.loads("".join(c["choices"][0]["delta"].get("content", "") for c in chunks)), {"a": 1})
         self.assertEqual(chunks[-1]["choices"][0]["finish_reason"], "stop")
 
@@ -2859,7 +2881,7 @@ class ClientSetupTests(unittest.TestCase):
             data = json.load(fh)
         self.assertEqual((data["name"], data["engine"], data["base_url"]), ("gitlab_duo", "anthropic", "http://127.0.0.1:4242"))
         self.assertEqual([m["name"] for m in data["models"]],
-                         [m.id for m in gdp.build_catalog("") if m.provider == "anthropic"])
+                         [m.id for m in gdp.build_catalog("") if m.api == "anthropic"])
         self.assertEqual(data["models"][0]["context_limit"], 1000000)
         self.assertTrue(data["requires_auth"])
         self.assertEqual(data["api_key_env"], "GITLAB_DUO_PROXY_KEY")
@@ -3060,11 +3082,12 @@ class TeamModeTests(ProxyTestCase):
     def test_a_request_that_took_a_token_before_gitlab_rejected_it_gets_the_rejection(self):
         bad = "glpat-LATE0000000000000000"
         users = gdp.UserTokens(self.team.upstream, clock=self.clock)
-        late = users.get(bad, "10.0.0.1")  # a request about to ask for its gateway token
+        key = hashlib.sha256(bad.encode()).hexdigest()
+        late = users._new_cache(key, bad, "10.0.0.1")  # the cache a request took, about to ask
         with self.assertRaises(gdp.ProxyError) as first:
-            users.get(bad, "10.0.0.1").cache.get()  # another request's exchange: rejected
+            users.for_client(bad, "10.0.0.1")  # another request's exchange: rejected
         with self.assertRaises(gdp.ProxyError) as second:
-            late.cache.get()
+            late.get()
         self.assertEqual((first.exception.status, second.exception.status), (401, 401))
         self.assertEqual(len(self.exchanges()), 1)
 
@@ -3074,9 +3097,7 @@ class TeamModeTests(ProxyTestCase):
         users = gdp.UserTokens(self.team.upstream, clock=self.clock, max_users=2)
 
         def member(token):
-            found = users.get(token, "10.0.0.1")
-            found.cache.get()  # kept once GitLab accepted the token
-            return found
+            return users.for_client(token, "10.0.0.1")  # kept once GitLab accepted the token
         first = member(self.ADA)
         member(self.BOB)
         self.assertIs(member(self.ADA), first)  # used again: now the most recent
@@ -3311,7 +3332,7 @@ class BoundedBookkeepingTests(ProxyTestCase):
         gauges = {"in_flight_requests": 0, "open_connections": 0, "token_expires_in_seconds": None}
         sizes = []
         for n in range(100000):
-            ctx = gdp.RequestContext("POST", lambda: "id")
+            ctx = gdp.RequestContext("POST", "id")
             ctx.route, ctx.status = "/v1/messages", rng.choice((400, 400, 200))
             ctx.model = "claude-opus-%d-%d" % (rng.randrange(10 ** 6), n) if n % 3 else "<script>\r\n%d" % n
             ctx.user = "user-%d" % n
@@ -3341,7 +3362,7 @@ class BoundedBookkeepingTests(ProxyTestCase):
             return len(self.request("GET", path).body)
 
         def sizes():
-            return scrape("/stats"), scrape("/metrics"), len(self.proxy.upstream.fallbacks._known)
+            return scrape("/stats"), scrape("/metrics"), len(self.proxy.upstream.fallbacks)
         for name in names[:80]:  # fallback names past the 50 kept apart, and junk
             self.post("/v1/messages", dict(SIMPLE, model=name))
         before = sizes()
@@ -3468,7 +3489,7 @@ class DisconnectWatcherTests(unittest.TestCase):
         for watcher in self.each_watcher():
             server_side, client_side = self.pair()
             upstream, far = self.pair()
-            watch = watcher.watch(server_side, upstream)
+            watch = watcher.watch(gdp.Relay(server_side, upstream))
             client_side.close()
             self.assertTrue(self.wait_gone(watch))
             far.settimeout(5)
@@ -3478,7 +3499,7 @@ class DisconnectWatcherTests(unittest.TestCase):
     def test_a_next_request_is_not_a_hang_up(self):
         for watcher in self.each_watcher():
             server_side, client_side = self.pair()
-            watch = watcher.watch(server_side, None)
+            watch = watcher.watch(gdp.Relay(server_side, None))
             client_side.sendall(b"GET / HTTP/1.1\r\n\r\n")
             watcher.unwatch(watch)
             self.assertFalse(watch.gone.is_set())
@@ -3489,13 +3510,13 @@ class DisconnectWatcherTests(unittest.TestCase):
             for reuse_number in (False, True):
                 first, first_peer = socket.socketpair()
                 self.addCleanup(first_peer.close)
-                watcher.watch(first, None)
+                watcher.watch(gdp.Relay(first, None))
                 if not reuse_number:
                     server_side, client_side = self.pair()  # made first: first's number stays free
                 first.close()  # select() now fails on it, or its number comes back for a new socket
                 if reuse_number:
                     server_side, client_side = self.pair()
-                watch = watcher.watch(server_side, None)
+                watch = watcher.watch(gdp.Relay(server_side, None))
                 client_side.close()
                 self.assertTrue(self.wait_gone(watch), reuse_number)
                 watcher.unwatch(watch)
@@ -3505,13 +3526,13 @@ class DisconnectWatcherTests(unittest.TestCase):
         # a socket with nothing to read, or of a stream that has ended since.
         for watcher in self.each_watcher():
             server_side, client_side = self.pair()
-            watch = watcher.watch(server_side, None)
+            watch = watcher.watch(gdp.Relay(server_side, None))
             watcher._check(watch)  # nothing to read: still watched
             client_side.close()
             self.assertTrue(self.wait_gone(watch))
             watcher.unwatch(watch)
             server_side, client_side = self.pair()
-            ended = watcher.watch(server_side, None)
+            ended = watcher.watch(gdp.Relay(server_side, None))
             watcher.unwatch(ended)
             client_side.close()
             watcher._check(ended)
@@ -3523,13 +3544,13 @@ class DisconnectWatcherTests(unittest.TestCase):
         for watcher in self.each_watcher():
             server_side, client_side = socket.socketpair()
             self.addCleanup(client_side.close)
-            ended = watcher.watch(server_side, None)
+            ended = watcher.watch(gdp.Relay(server_side, None))
             client_side.close()
             watcher.unwatch(ended)
             server_side.close()
             watcher._check(ended)
             server_side, client_side = self.pair()  # the watcher still works for the next one
-            watch = watcher.watch(server_side, None)
+            watch = watcher.watch(gdp.Relay(server_side, None))
             client_side.close()
             self.assertTrue(self.wait_gone(watch))
             watcher.unwatch(watch)
