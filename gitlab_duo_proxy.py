@@ -7,7 +7,7 @@ GitLab token for short-lived gateway tokens as needed. One file, Python 3.8+, st
 library only.
 
 Quick start:
-  cp .env.example .env          # put GITLAB_TOKEN=glpat-... in it (scope: api)
+  cp .env.example .env          # put GITLAB_TOKEN=glpat-... in it (scope: ai_features)
   python3 gitlab_duo_proxy.py   # then point a client at http://127.0.0.1:4141
 
   ANTHROPIC_BASE_URL=http://127.0.0.1:4141 ANTHROPIC_API_KEY=dummy claude
@@ -491,7 +491,7 @@ def gateway_error_hint(status, message, obj, model, known_models):
 
 GATEWAY_STATUS_HINTS = {
     401: "The AI gateway rejected the token even after a fresh exchange. Check that your GitLab "
-         "token is valid with scope api and that your Duo seat is active.",
+         "token is valid with scope ai_features and that your Duo seat is active.",
     402: "GitLab refused to bill this request; check your Duo subscription and credits.",
     403: "GitLab does not allow this for your account; check your Duo seat and namespace "
          "settings.",
@@ -535,8 +535,8 @@ def short_text(raw, limit=300):
 
 TOKEN_ERROR_HINTS = {
     401: "GitLab rejected the GitLab token (%s): it is invalid, expired or revoked. Create a "
-         "personal access token with scope api (or refresh your OAuth token) and set "
-         "GITLAB_TOKEN.",
+         "personal access token with scope ai_features (or refresh your OAuth token) and use it "
+         "instead.",
     403: "GitLab refused a Duo token (%s): Duo is not enabled for this user. Using third-party "
          "agents needs a GitLab Duo seat (Pro or Enterprise) or Duo Agent Platform credits; on a "
          "self-managed instance an administrator must also turn on the feature flag "
@@ -558,9 +558,11 @@ def translate_token_error(status, raw, retry_after=None):
     obj = parse_json_or_none(raw)
     message = error_message_of(obj) or short_text(raw) or http.client.responses.get(status, "")
     headers = {"retry-after": str(int(retry_after + 0.999))} if retry_after is not None else None
-    if isinstance(obj, dict) and obj.get("error") == "insufficient_scope":
-        error = ProxyError("The GitLab token lacks the needed scope (%s). Create a token with "
-                           "scope api." % message, 403, retry=False)
+    scope = isinstance(obj, dict) and obj.get("error") == "insufficient_scope"
+    if scope:
+        error = ProxyError("The GitLab token lacks the needed scope (%s). The Duo token "
+                           "exchange needs scope ai_features: create a personal access token "
+                           "with it." % message, 403, retry=False)
     elif status == 503:
         no_namespace = "default gitlab duo namespace" in message.lower()
         error = ProxyError((NO_DUO_NAMESPACE if no_namespace else MINT_FAILED) % message, 503,
@@ -573,7 +575,7 @@ def translate_token_error(status, raw, retry_after=None):
                            "GITLAB_INSTANCE_URL." % (status, message), 502)
     error.upstream_status = status
     # GitLab said no to the token itself: asking again with it cannot help.
-    error.definitive = status == 401 or "lacks the needed scope" in error.message
+    error.definitive = status == 401 or scope
     return error
 
 
@@ -583,8 +585,9 @@ Option = collections.namedtuple("Option", "dest env flag default kind help")
 
 OPTIONS = (
     Option("gitlab_token", "GITLAB_TOKEN", None, "", "secret",
-           "GitLab personal access token (scope api) or OAuth access token; environment or "
-           ".env only, never a flag, so it stays out of process lists"),
+           "GitLab personal access token (scope ai_features; read_user optional, for usernames) "
+           "or OAuth access token; environment or .env only, never a flag, so it stays out of "
+           "process lists"),
     Option("gitlab_token_file", "GITLAB_TOKEN_FILE", "--token-file", "", "str",
            "read the GitLab token from this file"),
     Option("gitlab_token_command", "GITLAB_TOKEN_COMMAND", "--token-command", "", "str",
@@ -1931,7 +1934,7 @@ class TokenCache:
         self._exchange = exchange
         self._clock = clock
         self.key = key  # team mode: the SHA-256 of the user's GitLab token
-        self.user = None  # team mode: who the token belongs to, once GitLab accepted it
+        self.identity = self.user = None  # team mode: whose token it is, and their name
         self._wait_timeout = wait_timeout
         self._on_result = on_result or (lambda ok: None)  # counts exchanges for /metrics
         self._lock = threading.Lock()
@@ -2056,12 +2059,14 @@ class UserTokens:
     (GitLab down or slow) are never remembered.
     """
 
-    def __init__(self, upstream, clock=time.time, max_users=256, on_result=None):
+    def __init__(self, upstream, clock=time.time, max_users=256, on_result=None, on_rename=None):
         self._upstream = upstream
         self._clock = clock
         self._max = max_users
         self._on_result = on_result or (lambda ok: None)  # counts exchanges for /metrics
+        self._on_rename = on_rename or (lambda old, new: None)  # merges /stats rows
         self._lock = threading.Lock()
+        self._names = {}  # identity -> the name its requests count under
         self._members = collections.OrderedDict()  # key -> TokenCache, least recent first
         self._pending = {}  # key -> TokenCache whose first exchange has not succeeded yet
         self._rejected = {}  # key -> (until, the error GitLab's answer gave)
@@ -2089,11 +2094,31 @@ class UserTokens:
             cache = self._pending.get(key)
             if cache is None:
                 cache = self._pending[key] = self._new_cache(key, gitlab_token, address)
-        cache.get()  # the first exchange, its answer checked
+        token = cache.get()  # the first exchange, its answer checked
         if cache.user is None:  # asked once per new token, outside the exchange
-            cache.user = self._upstream.username(gitlab_token) or "user-" + key[:8]
+            self._identify(cache, gitlab_token, token.headers)
         self._admit(cache)
         return cache
+
+    def _identify(self, cache, gitlab_token, headers):
+        """Name a new token's owner: their username when GitLab tells it (a token with
+        read_user), else a name made from the x-gitlab-global-user-id every exchange
+        carries, which is the same for all of a person's tokens. Two tokens of one person
+        count as one user; a username learned later renames them everywhere."""
+        identity = next((v for k, v in headers.items() if k.lower() == "x-gitlab-global-user-id"),
+                        None) or cache.key  # (an instance too old to send it: the token)
+        username = self._upstream.username(gitlab_token)
+        with self._lock:
+            old = self._names.get(identity)
+            name = self._names[identity] = username or old or "user-" + hashlib.sha256(
+                identity.encode("utf-8", "replace")).hexdigest()[:10]
+            cache.identity = identity
+            for other in list(self._members.values()) + [cache]:
+                if other.identity == identity:
+                    other.user = name
+        if old and old != name:
+            log.info("team user %s is GitLab user %s", old, name)
+            self._on_rename(old, name)
 
     def _new_cache(self, key, gitlab_token, address):
         source = FixedCredential(gitlab_token)
@@ -2171,6 +2196,8 @@ class UserTokens:
                     break
                 self._members.popitem(last=False)
             members = list(self._members.values())
+            if len(self._names) > 2 * self._max:  # bounded, keeping the names of those kept
+                self._names = {c.identity: c.user for c in members}
         return [c for c in members if now - c.last_used < refresh_idle]
 
     def secrets(self):
@@ -3325,6 +3352,13 @@ class Stats:
         counter["errors"] += failed
         counter.update(usage)
 
+    def rename_user(self, old, new):
+        """Team mode: count what a user did so far under the name they turned out to have."""
+        with self._lock:
+            counts = self.users.pop(old, None)
+            if counts:
+                self.users.setdefault(new, collections.Counter()).update(counts)
+
     def count_exchange(self, ok):
         with self._lock:
             self.exchanges["ok" if ok else "failed"] += 1
@@ -3511,7 +3545,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.upstream = Upstream(config, self.pool, self.stopping, self.catalog, clock=clock)
         count = self.stats.count_exchange
         if config.per_user:
-            self.tokens = UserTokens(self.upstream, clock, on_result=count)
+            self.tokens = UserTokens(self.upstream, clock, on_result=count,
+                                     on_rename=self.stats.rename_user)
         else:
             credentials = CredentialSource(config, runner)
             self.tokens = TokenCache(lambda: self.upstream.exchange(credentials), clock,
@@ -3783,6 +3818,8 @@ def main(argv=None):
 # === Doctor and client set-up ===
 
 CHECK_MARKS = ("\u2713", "\u2717")
+# Scopes that let a token change things; write_* too. The proxy needs only ai_features.
+BROAD_SCOPES = ("api", "sudo", "admin_mode", "create_runner", "manage_runner", "k8s_proxy")
 PING = [{"role": "user", "content": "ping"}]
 
 
@@ -3805,23 +3842,30 @@ class Doctor:
             self.marks = ("OK  ", "FAIL")
 
     def run(self, inference=True, models=False):
+        """Each step needs the ones before it, so the first failure ends the run; but the
+        inference step and the model table need only the exchange, and both run."""
         steps = [self.check_config, self.check_instance]
         if self.config.per_user and not self.config.token_source:
             self.line(True, "team mode: each client brings its own token; set GITLAB_TOKEN to "
                             "check one")
         else:
             steps += [self.check_token, self.check_exchange]
-            steps += [self.check_inference] if inference else []
-            steps += [self.check_models] if models else []
         try:
-            return all(step() for step in steps)
+            if not all(step() for step in steps):
+                return False
+            if self.payload is None:  # team mode without a token: nothing more to check
+                return True
+            results = [self.check_inference()] if inference else []
+            results += [self.check_models()] if models else []
+            return all(results)
         finally:
             self.pool.close()
 
-    def line(self, ok, text, fix=None):
+    def line(self, ok, text, fix=None, note=None):
         self.out.write("%s %s\n" % (self.marks[0 if ok else 1], text))
-        if fix and not ok:
-            self.out.write("    fix: %s\n" % fix)
+        for label, extra in (("fix", None if ok else fix), ("note", note)):
+            if extra:
+                self.out.write("    %s: %s\n" % (label, extra))
         self.out.flush()
         return ok
 
@@ -3849,32 +3893,43 @@ class Doctor:
         return self.line(True, "GitLab instance %s is reachable" % where)
 
     def check_token(self):
+        """Any valid token passes: GitLab tells a token without read_user, read_api or api
+        only that it lacks the scope (403 insufficient_scope, never 401), which proves the
+        token itself valid. Whether it can use Duo is the exchange's question."""
         try:
             token = self.credentials.get()
             status, user = self.upstream.gitlab_json("/api/v4/user", token)
+            scopes, expires = self.token_scopes(token)
         except ProxyError as exc:
             return self.line(False, "GitLab token: %s" % exc.message,
                              "fix %s" % self.config.token_source)
         except (OSError, http.client.HTTPException) as exc:
             return self.line(False, "GitLab token check failed: %s"
                              % describe_network_error(exc, self.upstream.gitlab))
-        if status != 200 or not isinstance(user, dict):
+        user = user if isinstance(user, dict) else {}
+        narrow = status == 403 and user.get("error") == "insufficient_scope"
+        if status != 200 and not narrow:
             return self.line(False, "GitLab rejected the token (HTTP %d)" % status,
-                             "create a personal access token with scope api (User settings > "
-                             "Access tokens) and put it in %s"
+                             "create a personal access token with scope ai_features (User "
+                             "settings > Access tokens) and put it in %s"
                              % (self.config.token_source or "GITLAB_TOKEN"))
-        return self.line(True, "token valid: signed in as %s%s"
-                         % (user.get("username", "?"), self.scopes(token)))
+        who = ("GitLab names its user only to a token with scope read_user (optional)" if narrow
+               else "signed in as %s" % user.get("username", "?"))
+        shown = "; token scopes: %s%s" % (", ".join(scopes), expires) if scopes else ""
+        broad = [s for s in scopes if s in BROAD_SCOPES or s.startswith("write_")]
+        return self.line(True, "token valid: %s%s" % (who, shown), note=broad and (
+            "scope %s gives this token far more than the proxy needs (%s can read and change "
+            "everything you can reach); a token with only ai_features is enough, so a leaked "
+            "copy cannot become a full account compromise" % (broad[0], broad[0])))
 
-    def scopes(self, token):
-        try:
-            status, info = self.upstream.gitlab_json("/api/v4/personal_access_tokens/self", token)
-        except (OSError, http.client.HTTPException, ProxyError):
-            return ""
+    def token_scopes(self, token):
+        """(scopes, " (expires ...)") GitLab tells for a personal access token, whatever its
+        scopes; ([], "") for an OAuth token, or an instance too old to say."""
+        status, info = self.upstream.gitlab_json("/api/v4/personal_access_tokens/self", token)
         if status != 200 or not isinstance(info, dict) or not isinstance(info.get("scopes"), list):
-            return ""  # an OAuth token, or an instance too old to say
+            return [], ""
         expiry = " (expires %s)" % info["expires_at"] if info.get("expires_at") else ""
-        return "; token scopes: %s%s" % (", ".join(str(x) for x in info["scopes"]), expiry)
+        return [str(s) for s in info["scopes"]], expiry
 
     def check_exchange(self):
         try:
@@ -3915,14 +3970,19 @@ class Doctor:
         return "HTTP %d: %s" % (result.status, message)
 
     def check_inference(self):
-        model = self.catalog.default_model
+        model, fix = self.catalog.default_model, ("check DEFAULT_MODEL against GitLab's model "
+                                                  "list, and GITLAB_AI_GATEWAY_URL")
         problem = self.tiny_request(model)
-        if problem:
-            return self.line(False, "gateway %s refused %s: %s"
-                             % (self.config.gateway_base, model, problem),
-                             "check DEFAULT_MODEL against GitLab's model list, and "
-                             "GITLAB_AI_GATEWAY_URL")
-        return self.line(True, "gateway %s answers with %s" % (self.config.gateway_base, model))
+        if problem is None:
+            return self.line(True, "gateway %s answers with %s" % (self.config.gateway_base,
+                                                                   model))
+        served = self.config.model_fallback and "does not serve model" in problem and \
+            self.catalog.fallback_for(model)
+        if served and self.tiny_request(served) is None:
+            problem += " The proxy's model fallback serves requests for it with %s." % served
+            fix = "set DEFAULT_MODEL=%s" % served
+        return self.line(False, "gateway %s refused %s: %s" % (self.config.gateway_base, model,
+                                                              problem), fix)
 
     def check_models(self):
         ok = True

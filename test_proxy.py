@@ -3,6 +3,7 @@
 Run: python3 -m unittest -v        (the suite also passes under python3 -S -m unittest)
 """
 
+import base64
 import contextlib
 import hashlib
 import http.client
@@ -130,7 +131,7 @@ def make_self_signed_cert(directory, name="127.0.0.1"):
 
 def start_server(testcase, server):
     """Serve on a daemon thread; stopped, joined and closed when the test ends."""
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     testcase.addCleanup(server.server_close)
     testcase.addCleanup(thread.join, 5)
@@ -179,13 +180,23 @@ class DuoState:
         self.revoked = set()
         self.gitlab_tokens = {GITLAB_TOKEN}
         self.lifetime = 3600
-        self.scopes = ["api"]
-        self.usernames = {}  # token -> username, for GET /api/v4/user (else "ada")
+        self.scopes = {}  # token -> its scopes (else what the README asks for)
+        self.usernames = {}  # token -> its owner's username (else "ada")
+        self.scope_challenge = False  # add a WWW-Authenticate header to 403 insufficient_scope
 
-    def issue(self):
+    def scopes_of(self, token):
+        return self.scopes.get(token, ["ai_features", "read_user"])
+
+    def global_user_id(self, gitlab_token):
+        """GitLab's x-gitlab-global-user-id: base64 of a SHA-256 of instance and user id."""
+        user_id = sum(map(ord, self.usernames.get(gitlab_token, "ada")))
+        return base64.b64encode(hashlib.sha256(b"uuid-fake-%d" % user_id).digest()).decode()
+
+    def issue(self, gitlab_token):
         with self.lock:
             token = "eyJhbGciOiJSUzI1NiJ9.gwtoken%d.%s" % (len(self.issued) + 1, os.urandom(6).hex())
             headers = {name: "value-%s-%d" % (name[9:], len(self.issued)) for name in self.HEADER_NAMES}
+            headers["x-gitlab-global-user-id"] = self.global_user_id(gitlab_token)
             headers["x-gitlab-unit-primitive"] = "ai_gateway_model_provider_proxy"
             headers["x-gitlab-authentication-type"] = "oidc"
             headers["X-Gitlab-Is-Team-Member"] = "false"
@@ -297,8 +308,36 @@ class ScriptedServer(http.server.ThreadingHTTPServer):
                 self.active -= 1
 
 
+# What each GitLab endpoint takes (Rails' allow_access_with_scope): a token without one of
+# these scopes gets 403 insufficient_scope; personal_access_tokens/self answers any token.
+SCOPES_NEEDED = {gdp.DIRECT_ACCESS_PATH: ("ai_features", "api"),
+                 "/api/v4/user": ("read_user", "read_api", "api"),
+                 "/api/v4/version": ("read_user", "ai_features", "read_api", "api"),
+                 "/api/v4/personal_access_tokens/self": ()}
+
+
 class FakeGitLabHandler(FakeHandler):
-    """GitLab's direct_access endpoint (PROTOCOL.md §1) and GET /api/v4/user."""
+    """GitLab's direct_access endpoint (PROTOCOL.md §1), GET /api/v4/user, /version and
+    /personal_access_tokens/self, with GitLab's scope rules."""
+
+    def refusal(self):
+        """GitLab's answer when the token cannot call this path; None when it can."""
+        auth = self.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        if token not in self.server.state.gitlab_tokens:
+            return 401, {"message": "401 Unauthorized"}, []
+        needed = SCOPES_NEEDED[self.path]
+        if needed and not set(needed) & set(self.server.state.scopes_of(token)):
+            # rack-oauth2's Forbidden, as GitLab sends it: no WWW-Authenticate header.
+            challenge = [("WWW-Authenticate", 'Bearer realm="Protected by OAuth 2.0", error='
+                          '"insufficient_scope", scope="%s"' % " ".join(needed))]
+            return 403, {"error": "insufficient_scope", "error_description": "The request requires "
+                         "higher privileges than provided by the access token.",
+                         "scope": " ".join(needed)}, challenge if self.server.state.scope_challenge else []
+        if self.path.endswith("/self") and not token.startswith("glpat-"):
+            return 400, {"message": "400 Bad request - This endpoint requires token type to be a "
+                         "personal access token"}, []
+        return None
 
     def do_POST(self):
         srv, body = self.server, self.read_body()
@@ -311,10 +350,10 @@ class FakeGitLabHandler(FakeHandler):
             scripted = srv.next_script()
             if scripted is not None:
                 return scripted(self)
-            auth = self.headers.get("Authorization", "")
-            if not auth.startswith("Bearer ") or auth[7:] not in srv.state.gitlab_tokens:
-                return self.send_json(401, {"message": "401 Unauthorized"})
-            token, headers = srv.state.issue()
+            refusal = self.refusal()
+            if refusal is not None:
+                return self.send_json(*refusal)
+            token, headers = srv.state.issue(self.headers["Authorization"][7:])
             payload = {"headers": headers, "token": token}
             if srv.state.lifetime is not None:
                 payload["expires_at"] = int(srv.state.clock() + srv.state.lifetime)
@@ -323,16 +362,19 @@ class FakeGitLabHandler(FakeHandler):
     def do_GET(self):
         srv = self.server
         srv.record(self, b"")
-        auth = self.headers.get("Authorization", "")
-        if self.path not in ("/api/v4/user", "/api/v4/version", "/api/v4/personal_access_tokens/self"):
+        if self.path not in SCOPES_NEEDED or self.path == gdp.DIRECT_ACCESS_PATH:
             return self.send_json(404, {"message": "404 Not Found"})
-        if auth[7:] not in srv.state.gitlab_tokens:
-            return self.send_json(401, {"message": "401 Unauthorized"})
+        refusal = self.refusal()
+        if refusal is not None:
+            return self.send_json(*refusal)
+        token = self.headers["Authorization"][7:]
         if self.path == "/api/v4/version":
             return self.send_json(200, {"version": "18.6.0-ee"})
         if self.path.endswith("/self"):
-            return self.send_json(200, {"name": "duo", "scopes": srv.state.scopes, "expires_at": "2027-01-31"})
-        self.send_json(200, {"id": 7, "username": srv.state.usernames.get(auth[7:], "ada")})
+            return self.send_json(200, {"id": 3, "name": "duo", "revoked": False, "active": True,
+                                        "scopes": srv.state.scopes_of(token), "user_id": 7,
+                                        "expires_at": "2027-01-31"})
+        self.send_json(200, {"id": 7, "username": srv.state.usernames.get(token, "ada")})
 
 
 GATEWAY_PATHS = {  # compared with the query string, exactly
@@ -742,6 +784,21 @@ def run_script(argv, environ, cwd=None, timeout=20):
     return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
+class LeastPrivilegeTests(unittest.TestCase):
+    def test_nothing_asks_for_a_token_with_scope_api(self):
+        code, help_text, _ = run_script(["--help"], {})
+        self.assertEqual(code, 0)
+        texts = {"--help": help_text, "hints": " ".join(list(gdp.TOKEN_ERROR_HINTS.values()) +
+                                                        list(gdp.GATEWAY_STATUS_HINTS.values()))}
+        for name in ("README.md", ".env.example"):
+            with open(os.path.join(HERE, name), encoding="utf-8") as fh:
+                texts[name] = fh.read()
+        for name, text in texts.items():
+            self.assertEqual(re.findall(r"scope[:\s]+[`*]*api\b", text), [], name)
+        for name in ("--help", "README.md", ".env.example"):
+            self.assertIn("ai_features", texts[name], name)
+
+
 # --- models and aliases -----------------------------------------------------------------
 
 class CatalogTests(unittest.TestCase):
@@ -865,14 +922,14 @@ class HelperTests(unittest.TestCase):
         self.assertIn("credits", err.message)
         err = gdp.translate_gateway_error(401, b'{"error":"Forbidden by auth provider"}', "m", [])
         self.assertEqual(err.error_type, "authentication_error")
-        self.assertIn("scope api", err.message)
+        self.assertIn("scope ai_features", err.message)
         err = gdp.translate_gateway_error(502, b"<html>bad</html>", "m", [])
         self.assertIn("Bad Gateway", err.message)
 
     def test_token_error_translation(self):
         err = gdp.translate_token_error(401, b'{"message":"401 Unauthorized"}')
         self.assertEqual(err.error_type, "authentication_error")
-        self.assertIn("scope api", err.message)
+        self.assertIn("scope ai_features", err.message)
         err = gdp.translate_token_error(403, b'{"message":"403 Forbidden"}')
         self.assertIn("third-party agents", err.message)
         err = gdp.translate_token_error(403, b'{"error":"insufficient_scope","error_description":"d","scope":"api"}')
@@ -1065,7 +1122,7 @@ class ExchangeTests(ProxyTestCase):
         self.assertEqual(resp.status, 401)
         self.assertEqual(resp.error["type"], "authentication_error")
         self.assertIn("Forbidden by auth provider", resp.error["message"])
-        self.assertIn("scope api", resp.error["message"])
+        self.assertIn("scope ai_features", resp.error["message"])
         self.assertEqual(len(self.exchanges()), 2)
         self.assertEqual(len(self.gateway_calls()), 2)
 
@@ -1080,7 +1137,7 @@ class ExchangeTests(ProxyTestCase):
 
     def test_token_endpoint_401(self):
         self.check_token_failure(401, {"error": "invalid_token", "error_description": "Token is expired."},
-                                 401, "authentication_error", "scope api")
+                                 401, "authentication_error", "scope ai_features")
 
     def test_token_endpoint_403(self):
         self.check_token_failure(403, {"message": "403 Forbidden"}, 403, "permission_error",
@@ -1088,7 +1145,15 @@ class ExchangeTests(ProxyTestCase):
 
     def test_token_endpoint_403_scope(self):
         self.check_token_failure(403, {"error": "insufficient_scope", "error_description": "needs api",
-                                       "scope": "api"}, 403, "permission_error", "scope api")
+                                       "scope": "api"}, 403, "permission_error", "scope ai_features")
+
+    def test_a_token_without_the_scope_gets_an_answer_naming_ai_features(self):
+        self.duo.scopes[GITLAB_TOKEN] = ["read_user"]
+        resp = self.post("/v1/messages", SIMPLE)
+        self.assertEqual((resp.status, resp.error["type"]), (403, "permission_error"))
+        self.assertIn("needs scope ai_features", resp.error["message"])
+        self.duo.scopes[GITLAB_TOKEN] = ["ai_features"]  # the least that works
+        self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
 
     def test_token_endpoint_503(self):
         self.check_token_failure(503, {"message": "Token creation failed"}, 503, "api_error",
@@ -2274,6 +2339,8 @@ class SecretTests(ProxyTestCase):
 class CombinedHandler(FakeGatewayHandler):
     """GitLab and its gateway on one host, as with a self-managed instance."""
 
+    refusal = FakeGitLabHandler.refusal
+
     def do_POST(self):
         if self.path.startswith("/api/"):
             return FakeGitLabHandler.do_POST(self)
@@ -2763,7 +2830,7 @@ class DoctorTests(ProxyTestCase):
         self.assertTrue(ok, text)
         lines = text.splitlines()
         self.assertTrue(all(line.startswith("\u2713") for line in lines), text)
-        self.assertIn("signed in as ada; token scopes: api (expires 2027-01-31)", text)
+        self.assertIn("signed in as ada; token scopes: ai_features, read_user (expires 2027-01-31)", text)
         self.assertIn("Duo token exchange works (expires in 60 min", text)
         self.assertIn("answers with claude-sonnet-4-6", text)
         self.assertEqual(sum(line.startswith("\u2713 model ") for line in lines), len(gdp.MODEL_CATALOG))
@@ -2790,7 +2857,7 @@ class DoctorTests(ProxyTestCase):
         ok, text = self.run_doctor()
         self.assertFalse(ok)
         self.assertIn("\u2717 GitLab rejected the token (HTTP 401)", text)
-        self.assertIn("scope api", text)
+        self.assertIn("scope ai_features", text)
 
     def test_exchange_refused(self):
         self.gitlab.script = [lambda h: h.send_json(403, {"message": "403 Forbidden"})]
@@ -2833,6 +2900,69 @@ class DoctorTests(ProxyTestCase):
         self.duo.gitlab_tokens.clear()
         code, out, _ = run_script(["--check"], env, cwd=tempfile.mkdtemp())
         self.assertEqual(code, 1, out)
+
+    def check_cli(self, *argv, token=GITLAB_TOKEN):
+        env = {"GITLAB_TOKEN": token, "GITLAB_INSTANCE_URL": self.gitlab.url,
+               "GITLAB_AI_GATEWAY_URL": self.gateway.url, "PYTHONIOENCODING": "utf-8"}
+        code, out, err = run_script(["--check"] + list(argv), env, cwd=tempfile.mkdtemp())
+        return code, out + err
+
+    def test_a_token_with_only_ai_features_passes_every_step(self):
+        self.duo.scopes[GITLAB_TOKEN] = ["ai_features"]
+        for challenge in (False, True):  # GitLab sends no WWW-Authenticate with the 403; fine either way
+            self.duo.scope_challenge = challenge
+            code, out = self.check_cli()
+            self.assertEqual(code, 0, out)
+            self.assertTrue(all(line.startswith("\u2713") for line in out.splitlines()), out)
+            self.assertIn("\u2713 token valid: GitLab names its user only to a token with scope read_user "
+                          "(optional); token scopes: ai_features (expires 2027-01-31)", out)
+        user_calls = [r for r in self.gitlab.requests if r.path == "/api/v4/user"]
+        self.assertTrue(user_calls)  # asked, and answered 403 insufficient_scope
+
+    def test_a_broader_token_passes_with_one_line_of_advice(self):
+        for scopes, named in ((["api"], "api"), (["ai_features", "write_repository"], "write_repository")):
+            self.duo.scopes[GITLAB_TOKEN] = scopes
+            code, out = self.check_cli()
+            self.assertEqual(code, 0, out)
+            notes = [line for line in out.splitlines() if line.startswith("    note:")]
+            self.assertEqual(len(notes), 1, out)
+            self.assertIn("scope %s gives this token far more than the proxy needs" % named, notes[0])
+            self.assertIn("a token with only ai_features is enough", notes[0])
+        self.duo.scopes[GITLAB_TOKEN] = ["ai_features", "read_user"]
+        self.assertNotIn("note:", self.check_cli()[1])
+
+    def test_a_token_without_ai_features_or_api_fails_at_the_exchange_naming_the_scope(self):
+        self.duo.scopes[GITLAB_TOKEN] = ["read_user", "read_api"]
+        code, out = self.check_cli()
+        self.assertEqual(code, 1, out)
+        self.assertIn("\u2713 token valid: signed in as ada; token scopes: read_user, read_api", out)
+        failed = out.split("\u2717 Duo token exchange failed (HTTP 403)")[1]
+        self.assertIn("needs scope ai_features", failed)
+        self.duo.gitlab_tokens.clear()  # and a token GitLab does not know at all
+        code, out = self.check_cli()
+        self.assertEqual(code, 1, out)
+        self.assertIn("fix: create a personal access token with scope ai_features", out)
+
+    def test_an_oauth_token_passes_without_scopes_shown(self):
+        self.duo.gitlab_tokens.add("oauth-access-token-0123456789abcdef")
+        ok, text = self.run_doctor(gitlab_token="oauth-access-token-0123456789abcdef")
+        self.assertTrue(ok, text)
+        self.assertIn("token valid: signed in as ada\n", text)  # /personal_access_tokens/self: 400
+
+    def test_check_models_shows_the_table_even_after_the_inference_step_failed(self):
+        self.gateway.models.discard("claude-sonnet-4-6")  # GitLab's list moved under the default
+        code, out = self.check_cli("--models")
+        self.assertEqual(code, 1, out)
+        self.assertIn("refused claude-sonnet-4-6: HTTP 400: GitLab AI gateway answered 400: Unsupported "
+                      "model", out)
+        self.assertIn("The proxy's model fallback serves requests for it with claude-sonnet-5.", out)
+        self.assertIn("fix: set DEFAULT_MODEL=claude-sonnet-5", out)
+        table = [line for line in out.splitlines() if line[2:8] == "model "]
+        self.assertEqual(len(table), len(gdp.MODEL_CATALOG), out)
+        self.assertIn("\u2717 model claude-sonnet-4-6: HTTP 400", out)
+        code, out = self.check_cli("--models", "--model-fallback", "off")
+        self.assertEqual(code, 1, out)
+        self.assertNotIn("model fallback serves", out)
 
     def test_check_models_through_the_command_line(self):
         env = {"GITLAB_TOKEN": GITLAB_TOKEN, "GITLAB_INSTANCE_URL": self.gitlab.url,
@@ -3027,6 +3157,33 @@ class TeamModeTests(ProxyTestCase):
         everything = stats.body.decode() + metrics + page.body.decode() + "\n".join(logs.output)
         for secret in [self.ADA, self.BOB] + list(self.duo.issued):
             self.assertNotIn(secret, everything)
+
+    def test_a_persons_tokens_count_as_one_user_without_read_user(self):
+        ada2, ada3 = "glpat-ADA2222222222222222222", "glpat-ADA3333333333333333333"
+        self.duo.gitlab_tokens.update({ada2, ada3})
+        self.duo.usernames.update({self.ADA: "ada", ada2: "ada", ada3: "ada", self.BOB: "bob"})
+        for token in (self.ADA, ada2, self.BOB):
+            self.duo.scopes[token] = ["ai_features"]  # GitLab will not say whose they are
+        for token in (self.ADA, ada2, self.BOB, ada2):
+            self.assertEqual(self.as_user(token).status, 200)
+        self.assertTrue(self.team.inflight.wait_idle(5))
+        users = self.team_get("/stats", self.ADA).json()["users"]
+        self.assertEqual(sorted(c["requests"] for c in users.values()), [1, 3])
+        (ada,) = [name for name, counts in users.items() if counts["requests"] == 3]
+        self.assertRegex(ada, r"^user-[0-9a-f]{10}$")
+        for token in (self.ADA, ada2):  # made from GitLab's user id, not from token material
+            self.assertNotIn(ada[5:], hashlib.sha256(token.encode()).hexdigest())
+        metrics = self.team_get("/metrics", self.ADA).body.decode()
+        self.assertIn('gitlab_duo_proxy_user_requests_total{user="%s"} 3' % ada, metrics)
+        self.assertEqual(metrics.count("gitlab_duo_proxy_user_requests_total{"), 2)
+        # A token of hers that may read her name: the same person, now by name, in one row.
+        self.assertEqual(self.as_user(ada3).status, 200)
+        self.assertEqual(self.as_user(self.ADA).status, 200)
+        self.assertTrue(self.team.inflight.wait_idle(5))
+        users = self.team_get("/stats", self.BOB).json()["users"]
+        self.assertEqual(users["ada"]["requests"], 5)
+        self.assertEqual(len(users), 2)
+        self.assertNotIn(ada, self.team_get("/metrics", self.BOB).body.decode())
 
     def test_a_rejected_token_costs_gitlab_one_exchange(self):
         bad = "glpat-BAD000000000000000000"
