@@ -8,6 +8,7 @@ the machine's noise falls on both sides alike.
 
   python3 bench_proxy.py            # the benchmark table (about a minute)
   python3 bench_proxy.py --load     # the load test: 200 streams, 2,000 short calls
+  python3 bench_proxy.py --capacity # events per proxy CPU-second, memory per open stream
   python3 bench_proxy.py --markdown # the table as Markdown, for the README
 
 Linux figures for CPU and memory come from /proc; elsewhere they show as n/a.
@@ -20,7 +21,10 @@ the other core; earlier versions pinned busy threads to one core, kept socket ti
 in the kernel and wrote their own HTTP reader, each worth 10-30% under load and none
 worth its complexity for a user whose call takes seconds. A 1.9 MB request body costs
 one json.loads when the model name is left alone (about 8 ms here) and a json.dumps
-on top when an alias or fallback changes it (about 10 ms more).
+on top when an alias or fallback changes it (about 10 ms more). A relayed stream event
+costs the proxy 120-150 us of CPU when events come one per read (--capacity): a poll()
+before each recv and each send (sockets with a timeout) and http.client's chunk parsing
+on top of the recv and send; a bare Python byte pump here manages about 50-60 us.
 """
 
 import argparse
@@ -101,10 +105,37 @@ def _read_request(sock, buf):
     return (head.split(b"\r\n", 1)[0].split(b" ")[1].decode(), body), buf
 
 
+def claude_frames(count):
+    """A whole Anthropic stream of count (>= 6) events, as the gateway would frame it."""
+    frames = [_frame("message_start", {"type": "message_start", "message": {
+        "id": "m", "type": "message", "role": "assistant", "content": [], "model": "m",
+        "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+        _frame("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}})]
+    frames += [_frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+        "type": "text_delta", "text": " word%d of the answer" % i}}) for i in range(count - 5)]
+    return frames + [
+        _frame("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _frame("message_delta", {"type": "message_delta", "delta": {
+            "stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": count}}),
+        _frame("message_stop", {"type": "message_stop"})]
+
+
 def _stream(sock, body):
     """Streams carry their own plan in metadata.user_id: 'events:N:gap_us', or
-    'hold:seconds[:N]' (the stream starts, stays silent that long, then sends N events)."""
+    'hold:seconds[:N]' (the stream starts, stays silent that long, then sends N events),
+    or 'claude:N:gap_us' (claude_frames(N), one every gap_us, on a fixed schedule)."""
     plan = json.loads(body).get("metadata", {}).get("user_id", "events:3:0").split(":")
+    if plan[0] == "claude":
+        frames, gap = claude_frames(int(plan[1])), int(plan[2]) / 1e6
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + _chunk(frames[0]))
+        started = time.monotonic()
+        for i, frame in enumerate(frames[1:], 1):
+            time.sleep(max(0.0, started + i * gap - time.monotonic()))
+            sock.sendall(_chunk(frame))
+        sock.sendall(b"0\r\n\r\n")
+        return
     sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                  + _chunk(_frame("message_start", {"type": "message_start", "message": {
                      "id": "m", "type": "message", "role": "assistant", "content": [], "model": "m",
@@ -650,6 +681,79 @@ def load_test():
             ("... /stats and /metrics size (bytes)", "%d, %d / %d, %d" % tuple(sizes0 + sizes1))]
 
 
+def relay_run(port, pid, streams=40, events=400, rate=100):
+    """streams concurrent streams of claude_frames(events), rate events/s each: (events
+    that arrived, streams not byte-for-byte intact, proxy CPU seconds or None, wall s)."""
+    expected, body = b"".join(claude_frames(events)), stream_body("claude:%d:%d" % (
+        events, 1e6 / rate))
+    counts, broken = [], []
+
+    def worker():
+        try:
+            client = Client(port)
+            status, data = client.stream(PROXIED, body)
+            client.close()
+            counts.append(data.count(b"\n\n"))
+            if status != 200 or data != expected:
+                broken.append(status)
+        except OSError as exc:
+            broken.append(repr(exc))
+    threads = [threading.Thread(target=worker) for _ in range(streams)]
+    cpu0, started = proc_cpu_seconds(pid), time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    cpu1, wall = proc_cpu_seconds(pid), time.perf_counter() - started
+    return sum(counts), len(broken), None if cpu0 is None else cpu1 - cpu0, wall
+
+
+def capacity(runs=3, target=10000, events_per_second=60):
+    """Events relayed per proxy CPU-second (runs x 40 paced streams), memory per stream held
+    open (stalled upstream) at 100 and 200 streams, and what that means for a team."""
+    procs = Processes()
+    out = []
+    try:
+        fake = procs.fake()
+        proxy, port, _ = procs.proxy(fake)
+        relay_run(port, proxy.pid, streams=4, events=20, rate=1000)  # warm-up
+        time.sleep(0.5)
+        rss = [proc_memory_mb(proxy.pid)]
+        for n in (100, 200):
+            peak, results, errors = open_streams(port, n, 3.0, proxy.pid)
+            rss.append(peak or None)
+            if errors or len(results) != n:
+                out.append(("  %d held streams: complete / errors" % n,
+                            "%d / %d" % (len(results), len(errors))))
+            time.sleep(1.0)  # connection threads end a moment after their client leaves
+        rss.append(proc_memory_mb(proxy.pid))
+        rates = []
+        for i in range(runs):
+            got, broken, cpu, wall = relay_run(port, proxy.pid)
+            rates.append(got / cpu if cpu else None)
+            out.append(("run %d: events arrived / broken streams / proxy CPU s / wall s" % (i + 1),
+                        "%d / %d / %s / %.1f" % (got, broken, "n/a" if cpu is None else
+                                                 "%.2f" % cpu, wall)))
+    finally:
+        procs.close()
+    fmt = lambda v, f="%.0f": "n/a" if v is None else f % v  # noqa: E731
+    per = [None if None in (rss[0], rss[i]) else (rss[i] - rss[0]) * 1024 / n
+           for i, n in ((1, 100), (2, 200))]
+    median = None if None in rates else pct(rates, 0.5)
+    return [("events relayed per proxy CPU-second, median of %d (40 streams x 400 events, "
+             "100/s each)" % runs, fmt(median)),
+            ("... range", "n/a" if median is None else "%.0f - %.0f" % (min(rates), max(rates)))
+            ] + out + [
+            ("proxy RSS idle / 100 open / 200 open / idle after (MB)",
+             " / ".join(fmt(v, "%.1f") for v in rss)),
+            ("memory per open stream, at 100 / 200 open (KiB)",
+             " / ".join(fmt(v) for v in per)),
+            ("developers streaming at once per core (a Claude stream: ~%d events/s)"
+             % events_per_second, fmt(median and median / events_per_second)),
+            ("guard: >= %d events per proxy CPU-second" % target,
+             "n/a" if median is None else "PASS" if median >= target else "FAIL")]
+
+
 def machine():
     model = platform.processor() or platform.machine()
     try:
@@ -675,6 +779,7 @@ def print_table(headers, rows, markdown):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--load", action="store_true", help="run the load test instead")
+    parser.add_argument("--capacity", action="store_true", help="measure capacity instead")
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--serve-fake", nargs="*", help=argparse.SUPPRESS)
@@ -684,6 +789,8 @@ def main(argv=None):
     print("machine: %s" % machine())
     if args.load:
         print_table(("load test", "result"), load_test(), args.markdown)
+    elif args.capacity:
+        print_table(("capacity", "result"), capacity(), args.markdown)
     else:
         print_table(("measure", "direct", "via proxy", "added", "unit"), benchmark(args.quick), args.markdown)
     return 0

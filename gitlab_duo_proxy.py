@@ -14,7 +14,7 @@ Quick start:
 
 Routes: POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models[/{id}],
 POST /v1/chat/completions, POST /v1/responses, GET /stats, GET /metrics,
-GET|HEAD /api/hello, GET|HEAD /.
+GET|HEAD /api/hello, /livez, /readyz, GET|HEAD /.
 
 Settings come from command-line flags, then the environment, then a .env file (next
 to this script and in the working directory, or the one --env-file names).
@@ -652,6 +652,12 @@ OPTIONS = (
            "total time retries may add to one request"),
     Option("shutdown_grace", "SHUTDOWN_GRACE", "--shutdown-grace", 30.0, "float",
            "seconds in-flight requests get to finish on SIGINT/SIGTERM"),
+    Option("drain_seconds", "DRAIN_SECONDS", "--drain-seconds", 0.0, "float",
+           "after SIGINT/SIGTERM, keep serving this long, every answer closing its connection, "
+           "while /readyz answers 503: a load balancer takes the replica out before it stops"),
+    Option("trusted_proxies", "TRUSTED_PROXIES", "--trusted-proxies", (), "networks",
+           "comma-separated addresses or CIDRs of reverse proxies whose X-Forwarded-For is "
+           "believed for the client's address (per-address throttle, log)"),
     Option("cors_origins", "CORS_ORIGINS", "--cors-origins", "", "str",
            "comma-separated origins allowed to call from a browser (none by default)"),
     Option("log_format", "LOG_FORMAT", "--log-format", "text", "logformat",
@@ -772,6 +778,14 @@ def parse_positive(kind):
     return parse
 
 
+def parse_networks(text):
+    try:
+        return tuple(ipaddress.ip_network(item.strip(), strict=False)
+                     for item in str(text).split(",") if item.strip())
+    except ValueError as exc:
+        raise ValueError("expected comma-separated addresses or CIDRs (%s)" % exc) from None
+
+
 def parse_log_format(text):
     value = str(text).strip().lower()
     if value not in ("text", "json"):
@@ -783,6 +797,7 @@ PARSERS = {
     "str": lambda v: str(v).strip(), "secret": lambda v: str(v).strip(), "url": parse_url,
     "port": parse_port, "bool": parse_bool, "switch": parse_bool, "int": parse_positive("int"),
     "float": parse_positive("float"), "prefix": parse_prefix, "logformat": parse_log_format,
+    "networks": parse_networks,
 }
 
 
@@ -802,7 +817,7 @@ def build_arg_parser():
         if opt.kind in ("bool", "switch"):
             shown = "on" if opt.default else "off"
         else:
-            shown = repr(opt.default) if opt.default != "" else "unset"
+            shown = repr(opt.default) if opt.default not in ("", ()) else "unset"
         text = ("%s (default: %s; env %s)" % (opt.help, shown, opt.env)).replace("%", "%%")
         if opt.kind == "bool":
             parser.add_argument(opt.flag, dest=opt.dest, action="store_const", const="1",
@@ -1099,6 +1114,31 @@ def response_head(status, fields):
     lines = ["HTTP/1.1 %d %s" % (status, http.client.responses.get(status, "Unknown"))]
     lines.extend("%s: %s" % (k, clean_header_value(v)) for k, v in fields)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def ip_of(text):
+    """An address as ipaddress knows it (IPv4 mapped into IPv6 as IPv4); None if it is none."""
+    try:
+        ip = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if ip.version == 6 else ip
+
+
+def client_address(peer, forwarded, trusted):
+    """The client's address: the peer's, unless the peer is a trusted reverse proxy; then
+    the rightmost X-Forwarded-For address that is not itself trusted (each proxy adds the
+    address it saw on the right; what is further left anyone could have written)."""
+    ip = ip_of(peer) if trusted else None
+    if ip is None or not any(ip in net for net in trusted):
+        return peer
+    for hop in reversed([hop for value in forwarded for hop in value.split(",")]):
+        ip = ip_of(hop)
+        if ip is None:
+            return peer  # a hop we cannot read: nothing left of it can be believed
+        if not any(ip in net for net in trusted):
+            break
+    return str(ip)  # the rightmost untrusted hop, or the leftmost if all are trusted
 
 
 def join_beta(values):
@@ -2840,6 +2880,7 @@ class RequestContext:
         self.path = self.route = self.model = self.status = None
         self.upstream_seconds = self.fallback = None  # fallback: (requested, served) models
         self.user = None  # team mode: whose GitLab token it was
+        self.client = None  # the client's address (behind a trusted proxy: the forwarded one)
         self.stream = self.refreshed = self.head_sent = self.body_read = False
         self.usage = {}
         self.started = time.monotonic()
@@ -2847,6 +2888,8 @@ class RequestContext:
 
     def log_line(self, redact):
         parts = ["%s %s" % (safe_for_log(self.method or "-"), safe_for_log(self.path or "-"))]
+        if self.client:
+            parts.append("client=%s" % self.client)
         if self.model:
             parts.append("model=%s" % safe_for_log(self.model))
         if self.fallback:
@@ -2872,7 +2915,9 @@ class RequestContext:
 # Each route by the path /stats shows for it; its methods, and their handlers.
 ROUTES = {
     "/": {"GET": "status", "HEAD": "status"},
-    "/api/hello": {"GET": "hello", "HEAD": "hello"},  # Claude Code's connectivity probe
+    "/api/hello": {"GET": "health", "HEAD": "health"},  # Claude Code's connectivity probe
+    "/livez": {"GET": "health", "HEAD": "health"},  # for load balancers and Kubernetes
+    "/readyz": {"GET": "health", "HEAD": "health"},
     "/v1/messages": {"POST": "messages"},
     "/v1/messages/count_tokens": {"POST": "messages"},
     "/v1/models": {"GET": "list_models"},
@@ -2882,7 +2927,8 @@ ROUTES = {
     "/stats": {"GET": "stats"},
     "/metrics": {"GET": "metrics"},
 }
-OPEN_ROUTES = frozenset(("status", "hello"))
+OPEN_ROUTES = frozenset(("status", "health"))
+PROBES = frozenset(("/livez", "/readyz"))  # polled every few seconds: not usage, not logged
 API_ROUTES = [(m, p) for p, methods in ROUTES.items() if p.startswith("/v1/") and "{" not in p
               for m in methods]
 ROUTE_SUMMARY = "POST %s and GET %s" % tuple(", ".join(p for m, p in API_ROUTES if m == method)
@@ -2942,7 +2988,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def dispatch(self):
         server = self.server
         self.ctx = ctx = RequestContext(self.command, server.new_request_id())
-        server.inflight.enter()
+        ctx.client = client_address(self.client_address[0],
+                                    self.headers.get_all("X-Forwarded-For") or (), server.trusted)
+        server.inflight.enter(self.client_address)
         try:
             self.route()
         except ProxyError as exc:
@@ -2960,11 +3008,13 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_response(ProxyError("internal proxy error (request %s); see the "
                                                 "proxy's log" % ctx.request_id, 500))
         finally:
-            server.stats.record(ctx)
-            log.info(ctx.log_line(server.redact))
-            server.inflight.leave()
+            probe = ctx.route in PROBES and ctx.status == 200
+            if not probe:
+                server.stats.record(ctx)
+            log.log(logging.DEBUG if probe else logging.INFO, ctx.log_line(server.redact))
+            server.inflight.leave(self.client_address)
         if server.stopping.is_set():
-            self.close_connection = True
+            self.close_connection = True  # answered after the listener closed: nothing follows
 
     def route(self):
         ctx = self.ctx
@@ -2999,7 +3049,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             raise Unauthorized("missing or wrong proxy API key: send PROXY_API_KEY as x-api-key "
                                "or Authorization: Bearer (browsers: any user name, the key as "
                                "password)", headers=CHALLENGE)
-        self.tokens = server.tokens.for_client(key, self.client_address[0])
+        self.tokens = server.tokens.for_client(key, self.ctx.client)
 
     def request_json(self):
         """(raw body, its members, the model it asks for, resolved)."""
@@ -3034,7 +3084,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                                             ("Cache-Control", "no-store")])
         self.respond_json(200, self.server.status())
 
-    def route_hello(self, query):
+    def route_health(self, query):
+        """/api/hello and /livez: the process serves; /readyz: it takes work, until the
+        shutdown signal."""
+        if self.ctx.route == "/readyz" and self.server.draining.is_set():
+            return self.respond_json(503, {"status": "draining"})
         self.respond_json(200, {"status": "ok"})
 
     def route_stats(self, query):
@@ -3157,6 +3211,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         origin = headers.get("Origin") if headers else None
         if origin and self.server.cors_origin(origin):
             fields.extend(cors_fields(origin))
+        if self.server.draining.is_set():
+            self.close_connection = True  # shutting down: a next request must go elsewhere
         if self.close_connection:
             fields.append(("Connection", "close"))
         elif self.request_version == "HTTP/1.0":
@@ -3253,36 +3309,34 @@ def cors_fields(origin):
 # === Server and main ===
 
 class Occupancy:
-    """How many requests (or connections) are in progress, with an optional limit;
-    shutdown (and the tests) can wait for it to drop."""
+    """The requests (or connections) in progress, by client address, with an optional
+    limit; shutdown (and the tests) can wait for them to end."""
 
     def __init__(self, limit=None):
         self._cond = threading.Condition(threading.Lock())
-        self.count = 0
+        self.items = {}  # client address (host, port) -> its socket, for connections
         self.limit = limit
 
-    def enter(self):
+    @property
+    def count(self):
+        return len(self.items)
+
+    def enter(self, key, value=None):
         with self._cond:
-            if self.limit is not None and self.count >= self.limit:
+            if self.limit is not None and len(self.items) >= self.limit:
                 return False
-            self.count += 1
+            self.items[key] = value
             return True
 
-    def leave(self):
+    def leave(self, key):
         with self._cond:
-            self.count -= 1
+            self.items.pop(key, None)
             self._cond.notify_all()
-
-    def __enter__(self):
-        self.enter()
-
-    def __exit__(self, *exc):
-        self.leave()
 
     def wait_until(self, count, timeout):
         """True once at most `count` are in progress; False after timeout seconds."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.count <= count, timeout)
+            return self._cond.wait_for(lambda: len(self.items) <= count, timeout)
 
     def wait_idle(self, timeout):
         return self.wait_until(0, timeout)
@@ -3539,7 +3593,10 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.config = config
         self.catalog = Catalog.from_config(config)
-        self.stopping = threading.Event()
+        self.draining = threading.Event()  # set by the first SIGINT/SIGTERM
+        self.drain_until = None
+        self.stopping = threading.Event()  # set when the listener closes
+        self.trusted = config.trusted_proxies
         self.stats = Stats(clock)
         self.pool = ConnectionPool(config)
         self.upstream = Upstream(config, self.pool, self.stopping, self.catalog, clock=clock)
@@ -3567,24 +3624,41 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         super().serve_forever(poll_interval)
 
     def service_actions(self):  # serve_forever calls it between requests: a safe point
-        if self.stopping.is_set():
+        if self.draining.is_set() and self.drain_until is None:
+            self.drain_until = time.monotonic() + self.config.drain_seconds
+            if self.config.drain_seconds:
+                log.info("draining for %gs: /readyz answers 503, every answer closes its "
+                         "connection", self.config.drain_seconds)
+        if self.stopping.is_set() or self.drain_until is not None and \
+                time.monotonic() >= self.drain_until:
             raise ShutdownRequested()
+
+    def close_idle(self):
+        """Close the kept-alive connections waiting for a next request (how many)."""
+        busy = set(self.inflight.items)
+        idle = [sock for key, sock in list(self.connections.items.items()) if key not in busy]
+        for sock in idle:
+            try:  # its handler's read ends; what it still writes gets through
+                socket.socket.shutdown(sock, socket.SHUT_RD)
+            except OSError:
+                pass  # closed meanwhile
+        return len(idle)
 
     def process_request(self, request, client_address):
         """A thread per connection, up to MAX_CONNECTIONS; past it an immediate 503."""
-        if not self.connections.enter():
+        if not self.connections.enter(client_address, request):
             return self.refuse(request)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.connections.leave()
+            self.connections.leave(client_address)
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connections.leave()
+            self.connections.leave(client_address)
 
     def refuse(self, sock):
         """Answer 503 and close, from the accepting thread and without waiting: a fresh
@@ -3722,25 +3796,30 @@ def install_signal_handlers(server):
     bytecodes of the main thread, where taking a lock or starting a thread could deadlock;
     serve_forever notices within its poll interval (service_actions)."""
     def on_signal(signum, frame):
-        if server.stopping.is_set():
+        if server.draining.is_set():
             log.warning("second signal: exiting without waiting")
             os._exit(1)
-        server.stopping.set()
+        server.draining.set()
     for name in ("SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), on_signal)
 
 
 def serve(server):
-    """Serve until a signal asks to stop, then give in-flight requests SHUTDOWN_GRACE."""
+    """Serve until a signal asks to stop, and DRAIN_SECONDS more (see service_actions);
+    then close the listener and the idle kept-alive connections, and give in-flight
+    requests SHUTDOWN_GRACE. Every answer from the signal on closes its connection, so no
+    client sends a next request on a connection about to close."""
     grace = server.config.shutdown_grace
     try:
         server.serve_forever(poll_interval=0.25)
     except ShutdownRequested:
         pass
     server.socket.close()  # refuse new connections at once
-    log.info("shutting down: no new connections; waiting up to %gs for %d request(s)",
-             grace, server.inflight.count)
+    server.stopping.set()
+    idle = server.close_idle()
+    log.info("shutting down: no new connections, %d idle connection(s) closed; waiting up to "
+             "%gs for %d request(s)", idle, grace, server.inflight.count)
     if not server.inflight.wait_idle(grace):
         log.warning("%d request(s) still running after %gs; closing them",
                     server.inflight.count, grace)

@@ -15,12 +15,14 @@ import logging
 import os
 import random
 import re
+import shutil
 import socket
 import subprocess
 import sys
 import ssl
 import tempfile
 import threading
+import time
 import unittest
 
 import gitlab_duo_proxy as gdp
@@ -994,6 +996,22 @@ class HelperTests(unittest.TestCase):
         for odd in ({"a": 1}, {"x": "usage"}, {"usage": [1]}, [1], None, {"usage": {"input_tokens": True}}):
             self.assertEqual(usage_of(odd), {}, odd)
 
+    def test_client_address_believes_only_trusted_proxies(self):
+        trusted = gdp.parse_networks("10.0.0.1, 192.168.0.0/16, ::1")
+        cases = [("10.0.0.1", ["203.0.113.7"], "203.0.113.7"),  # from the balancer: its client
+                 ("10.0.0.1", ["1.1.1.1, 203.0.113.7"], "203.0.113.7"),  # left of it: anyone's word
+                 ("10.0.0.1", ["1.1.1.1", "203.0.113.7, 192.168.3.4"], "203.0.113.7"),  # two proxies
+                 ("10.0.0.2", ["203.0.113.7"], "10.0.0.2"),  # not a trusted proxy: its own address
+                 ("10.0.0.1", [], "10.0.0.1"), ("10.0.0.1", ["garbage"], "10.0.0.1"),
+                 ("10.0.0.1", ["192.168.1.1, 192.168.1.2"], "192.168.1.1"),  # all trusted: the first
+                 ("::ffff:10.0.0.1", ["203.0.113.7"], "203.0.113.7"),  # IPv4 mapped into IPv6
+                 ("::1", ["2001:db8::1"], "2001:db8::1"), ("10.0.0.1", ["[2001:db8::2]"], "2001:db8::2")]
+        for peer, forwarded, expected in cases:
+            self.assertEqual(gdp.client_address(peer, forwarded, trusted), expected, (peer, forwarded))
+        self.assertEqual(gdp.client_address("10.0.0.1", ["203.0.113.7"], ()), "10.0.0.1")
+        with self.assertRaises(ValueError):
+            gdp.parse_networks("10.0.0.0/8, not-an-address")
+
     def test_retry_after_parsing(self):
         self.assertEqual(gdp.parse_retry_after("2"), 2.0)
         self.assertEqual(gdp.parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470), 10.0)
@@ -1412,7 +1430,7 @@ class ModelsRouteTests(ProxyTestCase):
 
 
 class HelloProbeTests(ProxyTestCase):
-    config_overrides = {"api_key": PROXY_KEY}
+    config_overrides = {"api_key": PROXY_KEY, "drain_seconds": 60}  # signalled, it keeps serving
 
     def test_claude_codes_probe_needs_no_key_and_shows_no_usage(self):
         self.post("/v1/messages", SIMPLE, {"x-api-key": PROXY_KEY})
@@ -1420,6 +1438,36 @@ class HelloProbeTests(ProxyTestCase):
         self.assertEqual((resp.status, resp.json()), (200, {"status": "ok"}))
         resp = self.request("HEAD", "/api/hello")
         self.assertEqual((resp.status, resp.body), (200, b""))
+
+    def test_liveness_and_readiness_need_no_key_and_are_not_usage(self):
+        with self.assertLogs("gitlab_duo_proxy", "DEBUG") as logs:
+            for path in ("/livez", "/readyz"):
+                self.assertEqual(self.request("GET", path).json(), {"status": "ok"})
+                self.assertEqual(self.request("HEAD", path).status, 200)
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+        lines = [r for r in logs.records if r.getMessage().split()[1] in ("/livez", "/readyz")]
+        self.assertEqual([r.levelname for r in lines], ["DEBUG"] * 4)  # no INFO line every few seconds
+        stats = self.request("GET", "/stats", headers={"x-api-key": PROXY_KEY}).json()
+        self.assertFalse({"/livez", "/readyz"} & set(stats["routes"]))
+        self.proxy.draining.set()  # the shutdown signal
+        resp = self.request("GET", "/readyz")
+        self.assertEqual((resp.status, resp.json(), resp.headers["Connection"]), (503, {"status": "draining"}, "close"))
+        self.assertEqual(self.request("GET", "/livez").status, 200)
+
+    def test_from_the_shutdown_signal_on_every_answer_closes_its_connection(self):
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
+        self.addCleanup(conn.close)
+        headers = {"x-api-key": PROXY_KEY, "anthropic-version": "2023-06-01"}
+        conn.request("POST", "/v1/messages", json.dumps(SIMPLE), headers)
+        resp = conn.getresponse()
+        resp.read()
+        self.assertIsNone(resp.getheader("Connection"))  # kept alive
+        self.proxy.draining.set()
+        conn.request("POST", "/v1/messages", json.dumps(dict(SIMPLE, stream=True)), headers)
+        resp = conn.getresponse()
+        self.assertEqual((resp.status, resp.getheader("Connection")), (200, "close"))
+        self.assertTrue(resp.read().endswith(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"))
+        self.assertEqual(conn.sock.recv(1) if conn.sock else b"", b"")  # and closed after it
 
 
 class StatusTests(ProxyTestCase):
@@ -1939,11 +1987,56 @@ class TokenFaultTests(ProxyTestCase):
 
 @unittest.skipIf(os.name != "posix", "signals are POSIX; Ctrl-C on Windows takes the same path")
 class ShutdownTests(ProxyTestCase):
-    def start_process(self, grace="5"):
+    def start_process(self, grace="5", **settings):
         environ = dict(os.environ, GITLAB_TOKEN=GITLAB_TOKEN, GITLAB_INSTANCE_URL=self.gitlab.url,
-                       GITLAB_AI_GATEWAY_URL=self.gateway.url, PORT="0", SHUTDOWN_GRACE=grace)
+                       GITLAB_AI_GATEWAY_URL=self.gateway.url, PORT="0", SHUTDOWN_GRACE=grace, **settings)
         proc, port = spawn_proxy(self, [], environ)
         return proc, port
+
+    def line_with(self, proc, text):
+        line = b""
+        while text not in line:
+            line = proc.stderr.readline()
+            self.assertTrue(line, "the proxy ended before logging %r" % text)
+        return line
+
+    def kept_alive(self, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/livez")
+        resp = conn.getresponse()
+        self.assertEqual((resp.read(), resp.getheader("Connection")), (b'{"status": "ok"}', None))
+        return conn
+
+    def test_a_drain_serves_with_connection_close_then_closes_the_idle_connections(self):
+        import signal
+        proc, port = self.start_process(DRAIN_SECONDS="1")
+        used, idle = self.kept_alive(port), self.kept_alive(port)
+        proc.send_signal(signal.SIGTERM)
+        self.line_with(proc, b"draining for 1s: /readyz answers 503")
+        ready = self.request("GET", "/readyz", proxy=type("P", (), {"server_address": ("127.0.0.1", port)}))
+        self.assertEqual((ready.status, ready.headers["Connection"]), (503, "close"))  # new ones still taken
+        used.request("POST", "/v1/messages", json.dumps(SIMPLE), {"anthropic-version": "2023-06-01"})
+        resp = used.getresponse()  # a kept-alive connection is served, and told to go elsewhere next
+        self.assertEqual((resp.status, resp.getheader("Connection")), (200, "close"))
+        resp.read()
+        line = self.line_with(proc, b"shutting down")  # the drain is over
+        self.assertIn(b"1 idle connection(s) closed", line)
+        idle.sock.settimeout(5)
+        self.assertEqual(idle.sock.recv(1), b"")
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        self.assertEqual(proc.wait(10), 0)
+
+    def test_without_a_drain_idle_connections_close_at_the_signal(self):
+        import signal
+        proc, port = self.start_process()
+        idle = self.kept_alive(port)
+        proc.send_signal(signal.SIGTERM)
+        idle.sock.settimeout(5)
+        self.assertEqual(idle.sock.recv(1), b"")
+        self.assertIn(b"1 idle connection(s) closed", self.line_with(proc, b"shutting down"))
+        self.assertEqual(proc.wait(10), 0)
 
     def test_sigterm_lets_streams_finish_then_exits_zero(self):
         import signal
@@ -2250,6 +2343,166 @@ def spawn_proxy(testcase, argv, environ):
     match = re.search(r"listening on https?://[^ ]+:(\d+) ", line)
     testcase.assertIsNotNone(match, line)
     return proc, int(match.group(1))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Replica:
+    """The proxy as a process on a fixed port, its log read as it comes (a full pipe would
+    stall it)."""
+
+    def __init__(self, testcase, port, environ, env_file):
+        self.lines, self.listening = [], threading.Event()
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "gitlab_duo_proxy.py"), "--env-file",
+                                      env_file], stderr=subprocess.PIPE, env=dict(environ, PORT=str(port)),
+                                     cwd=tempfile.gettempdir())
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+        testcase.addCleanup(self.close)
+        testcase.assertTrue(self.listening.wait(10), self.lines)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.reader.join(10)
+
+    def read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line.decode())
+            if b"listening on" in line:
+                self.listening.set()
+        self.proc.stderr.close()
+
+    def stop(self):
+        self.proc.terminate()  # SIGTERM
+        return self.proc.wait(20)
+
+
+@unittest.skipUnless(shutil.which("haproxy"), "haproxy is not installed here (.ci/run installs it: apt-get install "
+                     "haproxy); the README's HAProxy configuration cannot be tried")
+class HAProxyTests(ProxyTestCase):
+    """The README's HAProxy configuration, run for real in front of two replicas."""
+
+    def start(self, **settings):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder, True)
+        self.env_file = os.path.join(folder, "empty.env")
+        open(self.env_file, "w").close()
+        self.ports = [free_port(), free_port()]
+        self.environ = {k: v for k, v in os.environ.items() if k in ("PATH", "SYSTEMROOT", "HOME", "TMPDIR")}
+        self.environ.update(GITLAB_INSTANCE_URL=self.gitlab.url, GITLAB_AI_GATEWAY_URL=self.gateway.url,
+                            DRAIN_SECONDS="2", TRUSTED_PROXIES="127.0.0.1", SHUTDOWN_GRACE="10", **settings)
+        self.replicas = [Replica(self, port, self.environ, self.env_file) for port in self.ports]
+        with open(os.path.join(HERE, "README.md"), encoding="utf-8") as fh:
+            config = re.search(r"```haproxy\n(.*?)```", fh.read(), re.S).group(1)
+        self.port = free_port()
+        self.stats = os.path.join(folder, "stats.sock")
+        for old, new in (("bind :4141", "bind 127.0.0.1:%d" % self.port), ("127.0.0.1:4151", "127.0.0.1:%d" % self.ports[0]),
+                         ("127.0.0.1:4152", "127.0.0.1:%d" % self.ports[1]), ("defaults\n", "defaults\n    retries 0\n"),
+                         ("global\n", "global\n    stats socket %s level admin\n" % self.stats)):
+            self.assertIn(old, config)
+            config = config.replace(old, new)
+        path = os.path.join(folder, "haproxy.cfg")
+        with open(path, "w") as fh:
+            fh.write(config)
+        haproxy = subprocess.Popen(["haproxy", "-db", "-f", path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(haproxy.stderr.close)
+        self.addCleanup(lambda: haproxy.poll() is None and (haproxy.kill(), haproxy.wait(10)))
+        self.wait_until_up({"duo1", "duo2"})
+
+    def servers_up(self):
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(self.stats)
+                s.sendall(b"show stat\n")
+                data = b"".join(iter(lambda: s.recv(65536), b"")).decode()
+        except OSError:
+            return set()  # not listening yet
+        rows = [line.split(",") for line in data.splitlines() if line.startswith("duo,")]
+        return {row[1] for row in rows if row[17] == "UP"}
+
+    def wait_until_up(self, names, timeout=20):
+        deadline = time.monotonic() + timeout
+        while not names <= self.servers_up():  # another process's state: nothing to wait on but polling
+            self.assertLess(time.monotonic(), deadline, "HAProxy never saw %s up" % names)
+            time.sleep(0.05)
+
+    def through(self, path, payload, headers=None, source="127.0.0.1", port=None):
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=30, source_address=(source, 0))
+        try:
+            conn.request("POST", path, json.dumps(payload), dict({"anthropic-version": "2023-06-01"}, **(headers or {})))
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def test_a_rolling_restart_under_load_fails_no_request(self):
+        frames = text_stream("claude-sonnet-4-6", text=("a", "b", "c", "d", "e", "f"))
+
+        def answer(h, r):  # streams last a while, so some are in flight at every restart
+            if not r.json().get("stream"):
+                return h.send_json(200, message_json("claude-sonnet-4-6"))
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream")
+            h.send_header("Transfer-Encoding", "chunked")
+            h.end_headers()
+            for frame in frames:
+                time.sleep(0.02)  # the model writing
+                h.wfile.write(b"%x\r\n%s\r\n" % (len(frame), frame))
+            h.wfile.write(b"0\r\n\r\n")
+        self.gateway.script = [answer] * 100000
+        self.start(GITLAB_TOKEN=GITLAB_TOKEN)
+        stop, done, failures, lock = threading.Event(), [], [], threading.Lock()
+
+        def client(n):
+            while not stop.is_set():
+                stream = len(done) % 2 == 0
+                try:
+                    status, body = self.through("/v1/messages", dict(SIMPLE, stream=stream))
+                    ok = status == 200 and (body.endswith(frames[-1]) if stream else b'"content"' in body)
+                    outcome = None if ok else "%d %s" % (status, body[:200])
+                except (OSError, http.client.HTTPException) as exc:
+                    outcome = repr(exc)
+                with lock:
+                    (failures.append(outcome) if outcome else done.append(n))
+        clients = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for thread in clients:
+            thread.start()
+        self.addCleanup(lambda: [stop.set()] + [t.join(30) for t in clients])
+        for index, name in ((0, "duo1"), (1, "duo2")):
+            before = len(done)
+            self.assertEqual(self.replicas[index].stop(), 0)  # SIGTERM: drained, then stopped
+            self.assertTrue(any("draining for 2s" in line for line in self.replicas[index].lines))
+            self.replicas[index] = Replica(self, self.ports[index], self.environ, self.env_file)
+            self.wait_until_up({"duo1", "duo2"})
+            self.assertGreater(len(done), before)  # served throughout
+        stop.set()
+        for thread in clients:
+            thread.join(30)
+        self.assertEqual(failures, [])
+        self.assertGreater(len(done), 100)
+
+    def test_behind_it_a_flood_of_bad_tokens_is_throttled_and_others_are_served(self):
+        ada = "glpat-ADA000000000000000000"
+        self.duo.gitlab_tokens.add(ada)
+        self.start(PER_USER="1")
+        flood, good = [], []
+        for n in range(40):  # from 127.0.0.2, through HAProxy, to either replica
+            flood.append(self.through("/v1/messages", SIMPLE, {"x-api-key": "glpat-FLOOD%015d" % n},
+                                      source="127.0.0.2")[0])
+            good.append(self.through("/v1/messages", SIMPLE, {"x-api-key": ada}, source="127.0.0.3")[0])
+        self.assertEqual(set(flood), {401, 429})
+        self.assertEqual(flood[:10], [401] * 10)  # 429 once a replica has seen ten
+        self.assertEqual(good, [200] * 40)
+        direct = [self.through("/v1/messages", SIMPLE, {"x-api-key": "glpat-DIRECT%014d" % n,
+                                                        "X-Forwarded-For": "198.51.100.%d" % n},
+                               source="127.0.0.4", port=self.ports[0])[0] for n in range(12)]
+        self.assertEqual(direct, [401] * 10 + [429] * 2)  # its own header is not believed
 
 
 class OpenProxyTests(ProxyTestCase):
@@ -3114,11 +3367,13 @@ class TeamModeTests(ProxyTestCase):
         self.duo.gitlab_tokens.update({self.ADA, self.BOB})
         self.team = self.make_proxy(gitlab_token="", token_source="", per_user=True)
 
-    def as_user(self, token, payload=SIMPLE, source="127.0.0.1", **kw):
-        conn = http.client.HTTPConnection("127.0.0.1", self.team.server_address[1], timeout=10,
+    def as_user(self, token, payload=SIMPLE, source="127.0.0.1", forwarded=None, proxy=None):
+        conn = http.client.HTTPConnection("127.0.0.1", (proxy or self.team).server_address[1], timeout=10,
                                           source_address=(source, 0))
         try:
             headers = {"Content-Type": "application/json", "anthropic-version": "2023-06-01"}
+            if forwarded:
+                headers["X-Forwarded-For"] = forwarded
             if token:
                 headers["x-api-key"] = token
             conn.request("POST", "/v1/messages", json.dumps(payload), headers)
@@ -3212,6 +3467,22 @@ class TeamModeTests(ProxyTestCase):
         self.assertEqual(self.as_user(self.BOB).status, 200)  # another address: unaffected
         self.clock.advance(61)
         self.assertEqual(self.as_user("glpat-RANDOM%015d" % 100, source="127.0.0.2").status, 401)
+
+    def test_behind_a_trusted_proxy_the_forwarded_client_is_throttled_and_others_are_served(self):
+        team = self.make_proxy(gitlab_token="", token_source="", per_user=True,
+                               trusted_proxies=gdp.parse_networks("127.0.0.1, 10.9.0.0/16"))
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            flood = [self.as_user("glpat-FLOOD%015d" % n, forwarded="203.0.113.7, 10.9.1.1", proxy=team).status
+                     for n in range(12)]
+            self.assertTrue(team.inflight.wait_idle(5))
+        self.assertEqual(flood, [401] * 10 + [429] * 2)
+        self.assertIn("client=203.0.113.7 ", logs.output[-1])
+        self.assertEqual(self.as_user(self.ADA, forwarded="203.0.113.8", proxy=team).status, 200)
+        # A client that is not a trusted proxy: its X-Forwarded-For is not believed.
+        rotating = [self.as_user("glpat-ROTATE%014d" % n, source="127.0.0.2", forwarded="198.51.100.%d" % n,
+                                 proxy=team).status for n in range(12)]
+        self.assertEqual(rotating, [401] * 10 + [429] * 2)
+        self.assertEqual(self.as_user(self.BOB, forwarded="203.0.113.9", proxy=team).status, 200)
 
     def test_transient_failures_are_never_remembered(self):
         self.gitlab.script = [lambda h: h.send_json(503, {"message": "Token creation failed"})]
