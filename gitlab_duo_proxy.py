@@ -145,9 +145,7 @@ def model_kind(model_id):
 
 
 def guess_model(model_id):
-    """What a model id not in the catalog most likely is, by the rules of its family:
-    GPT and the o-series speak OpenAI's API (GPT-5 and later want max_completion_tokens);
-    Claude thinks adaptively from 4.6 on, with "xhigh" from 4.7 on."""
+    """What a model id not in the catalog most likely is, by the rules of its family."""
     name, date = display_name_for(model_id), created_for(model_id)
     openai = re.match(r"^(?:gpt-(\d+)|o\d|codex)", model_id)
     if openai:
@@ -215,8 +213,9 @@ class Catalog:
             return self.default_model or name
         if name in self.by_id:
             return name
-        if name.startswith("duo-chat-"):
-            return self.resolve(duo_chat_name(name[len("duo-chat-"):]))
+        if name.startswith("duo-chat-"):  # GitLab's own: duo-chat-opus-4-6, duo-chat-gpt-5-4
+            rest = re.sub(r"^gpt-(\d+)-(\d+)", r"gpt-\1.\2", name[len("duo-chat-"):])
+            return self.resolve(rest if rest.startswith("gpt-") else "claude-" + rest)
         if name.endswith("-latest"):
             return self.resolve(name[:-len("-latest")])
         short = _SHORT_FAMILY.match(name)
@@ -258,18 +257,10 @@ class Catalog:
                                  "without it first" % cursor)
         if after_id is not None:
             models = models[ids.index(after_id) + 1:]
-            return models[:limit], len(models) > limit
-        if before_id is not None:
+        elif before_id is not None:
             models = models[:ids.index(before_id)]
             return models[-limit:], len(models) > limit
         return models[:limit], len(models) > limit
-
-
-def duo_chat_name(rest):
-    """GitLab's own client names: duo-chat-opus-4-6, duo-chat-gpt-5-4, duo-chat-gpt-5-mini."""
-    if rest.startswith("gpt-"):
-        return re.sub(r"^gpt-(\d+)-(\d+)", r"gpt-\1.\2", rest)
-    return "claude-" + rest
 
 
 def model_entry(model):
@@ -281,12 +272,6 @@ def model_entry(model):
             "lifecycle": "deprecated" if dates else "active",
             "deprecated_at": dates.get("deprecated_at"), "retires_at": dates.get("retires_at"),
             "object": "model", "created": created, "owned_by": model.api}
-
-
-def models_list_body(models, has_more):
-    return {"data": [model_entry(m) for m in models], "has_more": has_more,
-            "first_id": models[0].id if models else None,
-            "last_id": models[-1].id if models else None, "object": "list"}
 
 
 def parse_page_args(query):
@@ -341,40 +326,16 @@ class ProxyError(Exception):
         return anthropic_error_body(self.error_type, self.message)
 
 
-class BadRequest(ProxyError):
-    status = 400
-
-
-class Unauthorized(ProxyError):
-    status = 401
-
-
-class NotFound(ProxyError):
-    status = 404
-
-
-class MethodNotAllowed(ProxyError):
-    status = 405
-
-
-class LengthRequired(ProxyError):
-    status = 411
-
-
-class PayloadTooLarge(ProxyError):
-    status = 413
-
-
-class UpstreamUnreachable(ProxyError):
-    status = 502
-
-
-class RateLimited(ProxyError):
-    status = 429
-
-
-class UpstreamTimeout(ProxyError):
-    status = 504
+# ProxyErrors that differ only in their status.
+BadRequest = type("BadRequest", (ProxyError,), {"status": 400})
+Unauthorized = type("Unauthorized", (ProxyError,), {"status": 401})
+NotFound = type("NotFound", (ProxyError,), {"status": 404})
+MethodNotAllowed = type("MethodNotAllowed", (ProxyError,), {"status": 405})
+LengthRequired = type("LengthRequired", (ProxyError,), {"status": 411})
+PayloadTooLarge = type("PayloadTooLarge", (ProxyError,), {"status": 413})
+UpstreamUnreachable = type("UpstreamUnreachable", (ProxyError,), {"status": 502})
+RateLimited = type("RateLimited", (ProxyError,), {"status": 429})
+UpstreamTimeout = type("UpstreamTimeout", (ProxyError,), {"status": 504})
 
 
 class PassThrough(ProxyError):
@@ -528,9 +489,7 @@ def translate_gateway_error(status, raw, model, known_models, upstream=ANTHROPIC
 
 def short_text(raw, limit=300):
     text = raw.decode("utf-8", "replace").strip()
-    if "<html" in text[:200].lower():
-        return ""
-    return " ".join(text.split())[:limit]
+    return "" if "<html" in text[:200].lower() else " ".join(text.split())[:limit]
 
 
 TOKEN_ERROR_HINTS = {
@@ -895,9 +854,7 @@ def describe_token_source(values, sources, origin):
                                        else "the environment")
     if values["gitlab_token_file"]:
         return "GITLAB_TOKEN_FILE %s" % values["gitlab_token_file"]
-    if values["gitlab_token_command"]:
-        return "GITLAB_TOKEN_COMMAND"
-    return ""
+    return "GITLAB_TOKEN_COMMAND" if values["gitlab_token_command"] else ""
 
 
 def check_file_private(path):
@@ -1200,7 +1157,6 @@ def redact_headers(pairs):
 
 
 def response_headers_for_client(headers):
-    """Which upstream response headers a client may see."""
     return [(k, clean_header_value(v)) for k, v in headers.items()
             if k.lower().startswith(RESPONSE_HEADER_ALLOW) and k.lower() != "content-length"]
 
@@ -1216,8 +1172,6 @@ def parse_retry_after(value, now=None):
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
         return None
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
@@ -1655,11 +1609,6 @@ def openai_error_frame(message, error_type="api_error"):
     return ("data: %s\n\n" % data).encode()
 
 
-def anthropic_error_frame(message):
-    data = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
-    return ("event: error\ndata: %s\n\n" % data).encode()
-
-
 # === Dialects ===
 
 class Adapter:
@@ -1696,7 +1645,9 @@ class Adapter:
         return data
 
     def error_frame(self, message):
-        return anthropic_error_frame(message)
+        if self.dialect == OPENAI:
+            return openai_error_frame(message)
+        return b"event: error\ndata: %s\n\n" % anthropic_error_body("api_error", message)
 
 
 class OpenAIAdapter(Adapter):
@@ -1714,9 +1665,6 @@ class OpenAIAdapter(Adapter):
                 or self.catalog.spec(model).max_tokens_field != "max_completion_tokens":
             return super().body(model)
         return body_with(members, {"model": model}, {"max_tokens": "max_completion_tokens"})
-
-    def error_frame(self, message):
-        return openai_error_frame(message)
 
 
 class ChatAdapter(Adapter):
@@ -1759,9 +1707,6 @@ class ChatAdapter(Adapter):
             if handler is not None:
                 out.extend(handler(event))
         return b"".join(out)
-
-    def error_frame(self, message):
-        return openai_error_frame(message)
 
     def chunk(self, delta, finish=None, usage=None):
         """A chat.completion.chunk event; with delta None, the usage chunk (no choices)."""
@@ -1911,19 +1856,6 @@ def run_command(command, timeout=60):
 
 def first_line(text):
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
-
-
-class FixedCredential:
-    """A GitLab token a client presented (team mode): nothing to re-read."""
-
-    def __init__(self, token):
-        self._token = token
-
-    def get(self):
-        return self._token
-
-    def refresh(self):
-        return False
 
 
 class GatewayToken(collections.namedtuple("GatewayToken", "token headers expires due refresh_at")):
@@ -2117,8 +2049,7 @@ class UserTokens:
 
     def for_client(self, gitlab_token, address):
         """The token cache of the user whose GitLab token a client sent, once GitLab has
-        accepted it: 401 at once for a token GitLab just rejected, 429 for a new token from
-        an address whose tokens keep being rejected."""
+        accepted it."""
         if not gitlab_token:
             raise Unauthorized("team mode: send your own GitLab token as the API key "
                                "(x-api-key or Authorization: Bearer)", headers=CHALLENGE)
@@ -2161,16 +2092,15 @@ class UserTokens:
             self._on_rename(old, name)
 
     def _new_cache(self, key, gitlab_token, address):
-        source = FixedCredential(gitlab_token)
-        return TokenCache(lambda: self._exchange(key, source, address), self._clock, key=key)
+        return TokenCache(lambda: self._exchange(key, gitlab_token, address), self._clock, key=key)
 
-    def _exchange(self, key, source, address):
+    def _exchange(self, key, gitlab_token, address):
         # A request that took the cache just before GitLab rejected its token gets the
         # remembered answer: GitLab is not asked twice.
         with self._lock:
             self._check_rejected(key, self._clock())
         try:
-            payload = self._upstream.exchange(source)
+            payload = self._upstream.exchange_token(gitlab_token)
         except ProxyError as exc:
             self._on_result(False)
             self._failed(key, exc, address)
@@ -2251,8 +2181,7 @@ class UserTokens:
 
 
 class TokenRefresher:
-    """One thread that refreshes gateway tokens before they are due, so requests never
-    wait for an exchange once the first one is done."""
+    """The one thread that calls refresh_if_due on every TokenCache (see TokenCache)."""
 
     def __init__(self, caches, stopping, interval=10.0):
         self._caches = caches  # a callable: the TokenCaches to look after
@@ -2381,7 +2310,10 @@ class ConnectionPool:
             idle = self._idle.get(endpoint.origin, [])
             while idle:
                 conn, since = idle.pop()
-                if now - since < self._idle_ttl and connection_alive(conn):
+                # Readable while idle means the server closed it, unless TLS has a
+                # post-handshake message waiting.
+                state = peer_state(conn.sock) if now - since < self._idle_ttl else "old"
+                if state == "idle" or state == "data" and isinstance(conn.sock, ssl.SSLSocket):
                     return conn
                 conn.close()
         return None
@@ -2430,20 +2362,6 @@ class ConnectionPool:
                 conn.close()
 
 
-def connection_alive(conn):
-    """False when the server has closed an idle kept-alive connection."""
-    sock = conn.sock
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        if not readable:
-            return True
-        # Readable while idle means closed, unless TLS has a post-handshake message waiting.
-        peeked = socket.socket.recv(sock, 1, socket.MSG_PEEK)
-        return bool(peeked) and isinstance(sock, ssl.SSLSocket)
-    except (OSError, ValueError, TypeError):
-        return False
-
-
 def read_whole(pool, endpoint, conn, resp):
     """The whole body of an answer; its connection goes back to the pool."""
     try:
@@ -2485,15 +2403,15 @@ class Upstream:
         """GitLab's direct_access answer for the user's token; one re-read of a token file
         or command when GitLab says the token is invalid."""
         try:
-            return self._exchange_once(credentials.get())
+            return self.exchange_token(credentials.get())
         except ProxyError as exc:
             if exc.status != 401 or not credentials.refresh():
                 raise
             log.info("GitLab rejected the token; using the token read again from %s",
                      self.config.token_source or "its source")
-            return self._exchange_once(credentials.get())
+            return self.exchange_token(credentials.get())
 
-    def _exchange_once(self, gitlab_token):
+    def exchange_token(self, gitlab_token):
         if not re.match(r"^[\x21-\x7e]+$", gitlab_token):
             raise Unauthorized("the GitLab token contains spaces or control characters; check "
                                "%s" % (self.config.token_source or "the token you sent"))
@@ -2664,9 +2582,7 @@ class Upstream:
         hinted = retry_after_seconds(headers)
         wait = hinted if hinted is not None else backoff_delay(
             attempt, self.config.retry_base_delay, rng=self.rng)
-        if time.monotonic() + wait > deadline:
-            return None
-        return wait
+        return None if time.monotonic() + wait > deadline else wait
 
 
 # === Relay ===
@@ -2726,25 +2642,20 @@ class Relay:
         """The client left (the watcher's thread): stop the upstream read."""
         with self.lock:
             self.gone.set()
-            abort_socket(self.upstream)
+            if self.upstream is None:
+                return
+            try:
+                # The plain-socket method: SSLSocket.shutdown would also drop its TLS state
+                # under the reading thread's feet.
+                socket.socket.shutdown(self.upstream, socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its owner: nothing left to interrupt
 
     def detach(self):
         """The stream is over: from now on the upstream connection may serve another
         request, so a client hanging up must not cut it."""
         with self.lock:
             self.upstream = None
-
-
-def abort_socket(sock):
-    """Make a blocked read on sock return at once."""
-    if sock is None:
-        return
-    try:
-        # The plain-socket method: SSLSocket.shutdown would also drop its TLS state
-        # under the reading thread's feet.
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass  # already closed by its owner: nothing left to interrupt
 
 
 class DisconnectWatcher:
@@ -2862,7 +2773,7 @@ def peer_state(sock):
         if not readable:
             return "idle"  # and so the peek below never waits for the socket's timeout
         first = socket.socket.recv(sock, 1, socket.MSG_PEEK)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return "gone"
     if first == b"" or (isinstance(sock, ssl.SSLSocket) and first == b"\x15"):
         return "gone"
@@ -2887,29 +2798,20 @@ class RequestContext:
         self.outcome = ""
 
     def log_line(self, redact):
-        parts = ["%s %s" % (safe_for_log(self.method or "-"), safe_for_log(self.path or "-"))]
-        if self.client:
-            parts.append("client=%s" % self.client)
-        if self.model:
-            parts.append("model=%s" % safe_for_log(self.model))
-        if self.fallback:
-            parts.append("fallback-from=%s" % safe_for_log(self.fallback[0]))
-        parts += ["status=%s" % (self.status or "-"),
-                  "%.0fms" % ((time.monotonic() - self.started) * 1000)]
-        if self.stream:
-            parts.append("stream")
-        if self.usage:
-            parts.append("in=%s out=%s" % (self.usage.get("input", "-"),
-                                           self.usage.get("output", "-")))
-        if self.user:
-            parts.append("user=%s" % self.user)
-        if self.refreshed:
-            parts.append("token-refreshed")
-        if self.request_id:
-            parts.append("request-id=%s" % self.request_id)
-        if self.outcome:
-            parts.append("(%s)" % redact(self.outcome))
-        return " ".join(parts)
+        usage = self.usage
+        parts = ["%s %s" % (safe_for_log(self.method or "-"), safe_for_log(self.path or "-")),
+                 self.client and "client=%s" % self.client,
+                 self.model and "model=%s" % safe_for_log(self.model),
+                 self.fallback and "fallback-from=%s" % safe_for_log(self.fallback[0]),
+                 "status=%s" % (self.status or "-"),
+                 "%.0fms" % ((time.monotonic() - self.started) * 1000),
+                 self.stream and "stream",
+                 usage and "in=%s out=%s" % (usage.get("input", "-"), usage.get("output", "-")),
+                 self.user and "user=%s" % self.user,
+                 self.refreshed and "token-refreshed",
+                 self.request_id and "request-id=%s" % self.request_id,
+                 self.outcome and "(%s)" % redact(self.outcome)]
+        return " ".join(p for p in parts if p)
 
 
 # Each route by the path /stats shows for it; its methods, and their handlers.
@@ -2980,12 +2882,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return False
         return True
 
-    def do_GET(self):
-        self.dispatch()
-
-    do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
 
     def dispatch(self):
+        """Every method's entry (do_GET and the rest): route, answer, count, log."""
         server = self.server
         self.ctx = ctx = RequestContext(self.command, server.new_request_id())
         ctx.client = client_address(self.client_address[0],
@@ -3015,6 +2914,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             server.inflight.leave(self.client_address)
         if server.stopping.is_set():
             self.close_connection = True  # answered after the listener closed: nothing follows
+
+    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = dispatch
 
     def route(self):
         ctx = self.ctx
@@ -3104,7 +3005,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         # Anthropic clients can only use Claude models; OpenAI clients see everything.
         api = ANTHROPIC if self.headers.get("anthropic-version") else None
         models, has_more = self.server.catalog.page(limit, after_id, before_id, api)
-        self.respond_json(200, models_list_body(models, has_more))
+        self.respond_json(200, {"data": [model_entry(m) for m in models], "has_more": has_more,
+                                "first_id": models[0].id if models else None,
+                                "last_id": models[-1].id if models else None, "object": "list"})
 
     def route_get_model(self, query):
         name = urllib.parse.unquote(self.ctx.path[len("/v1/models/"):])
@@ -3210,7 +3113,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers = getattr(self, "headers", None)  # absent when the request line was unreadable
         origin = headers.get("Origin") if headers else None
         if origin and self.server.cors_origin(origin):
-            fields.extend(cors_fields(origin))
+            fields += [("Access-Control-Allow-Origin", origin)] + CORS_FIELDS
         if self.server.draining.is_set():
             self.close_connection = True  # shutting down: a next request must go elsewhere
         if self.close_connection:
@@ -3298,12 +3201,10 @@ def linger_close(sock, seconds=0.25, limit=MIB):
         sock.close()
 
 
-def cors_fields(origin):
-    return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-            ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-            ("Access-Control-Allow-Headers", "authorization, content-type, x-api-key, "
-             "anthropic-version, anthropic-beta"),
-            ("Access-Control-Expose-Headers", "request-id")]
+CORS_FIELDS = [("Vary", "Origin"), ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+               ("Access-Control-Allow-Headers",
+                "authorization, content-type, x-api-key, anthropic-version, anthropic-beta"),
+               ("Access-Control-Expose-Headers", "request-id")]
 
 
 # === Server and main ===
@@ -3350,8 +3251,7 @@ MAX_USER_SERIES = 1000    # team mode users
 
 class Stats:
     """What the proxy did, for /stats, the status page and /metrics: bounded whatever
-    clients send. A model gets entries of its own once it has served a request (names
-    that never did count as "other"); fallbacks keep 50 requested names, users 1,000."""
+    clients send (a model gets entries of its own once it has served a request)."""
 
     def __init__(self, clock=time.time):
         self._lock = threading.Lock()
@@ -3368,7 +3268,6 @@ class Stats:
 
     def record(self, ctx):
         failed = int((ctx.status or 500) >= 400)
-        # A model gets series of its own once it has served a request; others are "other".
         model, served = ctx.model or "", ctx.upstream_seconds is not None and not failed
         with self._lock:
             if model and model not in self.models and not (
@@ -3702,9 +3601,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         return "%s://%s:%d" % ("https" if self.tls_context else "http", host, port)
 
     def cors_origin(self, origin):
-        if origin and ("*" in self._cors or origin in self._cors):
-            return origin
-        return None
+        return origin if origin and ("*" in self._cors or origin in self._cors) else None
 
     def status(self):
         config = self.config
@@ -3829,7 +3726,6 @@ def serve(server):
 
 
 def add_action_arguments(parser):
-    """Flags that do something other than serve."""
     group = parser.add_argument_group("actions (instead of serving)")
     group.add_argument("--check", action="store_true",
                        help="diagnose: configuration, GitLab, token, Duo token exchange, gateway")
@@ -3866,7 +3762,6 @@ def run_action(config, args):
 
 
 def main(argv=None):
-    """Run the proxy, or one of its actions; the exit status."""
     try:
         config, args, warnings = load_config(argv)
         setup_logging(config)

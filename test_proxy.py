@@ -2474,7 +2474,7 @@ class HAProxyTests(ProxyTestCase):
         for thread in clients:
             thread.start()
         self.addCleanup(lambda: [stop.set()] + [t.join(30) for t in clients])
-        for index, name in ((0, "duo1"), (1, "duo2")):
+        for index in (0, 1):
             before = len(done)
             self.assertEqual(self.replicas[index].stop(), 0)  # SIGTERM: drained, then stopped
             self.assertTrue(any("draining for 2s" in line for line in self.replicas[index].lines))
