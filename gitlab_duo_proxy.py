@@ -26,6 +26,7 @@ import calendar
 import collections
 import copy
 import email.utils
+import functools
 import hashlib
 import hmac
 import html
@@ -923,19 +924,11 @@ TOO_DEEP = ("request body is nested too deeply (over about 900 levels of arrays 
             "flatten it")
 
 
-def parse_json(data):
-    """json.loads, with JSON nested too deeply for Python's recursion limit turned into
-    the ValueError every other malformed JSON raises."""
+def parse_json_or_none(data):
+    """JSON, or None for what json.loads cannot read (or nests too deeply for Python)."""
     try:
         return json.loads(data)
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-
-
-def parse_json_or_none(data):
-    try:
-        return parse_json(data)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included
         return None
 
 
@@ -957,13 +950,39 @@ def parse_body(raw):
         raise BadRequest(TOO_DEEP) from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object ({...}), not %s" % json_kind(body))
+    if not isinstance(body.get("model", ""), (str, type(None))):  # on every route
+        raise BadRequest("model must be a string: the request needs a \"model\" string (such as "
+                         "%s), not %s" % (DEFAULT_MODEL, json_kind(body["model"])))
     return body
 
 
 def json_kind(value):
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
-    return {list: "an array", str: "a string"}.get(type(value), "a number")
+    return {list: "an array", str: "a string", dict: "an object"}.get(type(value), "a number")
+
+
+JSON_TYPES = {"string": str, "array": list, "object": dict, "boolean": bool, "integer": int,
+              "number": (int, float)}
+
+
+def field(obj, key, kinds, where="", error=BadRequest):
+    """obj[key] when it is absent, null, or of one of the JSON types kinds names ("string",
+    "string|array"); else error naming the field's path (messages[2].content[0].text)."""
+    value = obj.get(key)
+    if value is None or any(isinstance(value, JSON_TYPES[k]) and (k == "boolean") ==
+                            isinstance(value, bool) for k in kinds.split("|")):
+        return value
+    raise error("%s%s must be %s, not %s" % (where, key, " or ".join(
+        ("an " if k[0] in "aeiou" else "a ") + k for k in kinds.split("|")), json_kind(value)))
+
+
+def bad_answer(problem):
+    return UpstreamUnreachable("GitLab's AI gateway sent an answer the proxy could not translate "
+                               "(%s); retry, and report it if it persists" % problem)
+
+
+answer_field = functools.partial(field, error=bad_answer)  # for what the gateway sends
 
 
 def dump_json(obj):
@@ -1295,20 +1314,30 @@ def chat_to_anthropic(req, model):
     stream = req.get("stream") is True
     if stream:
         body["stream"] = True
-    options = req.get("stream_options")
-    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
-    return ChatPlan(body, model.id, stream, include_usage, json_mode)
+    usage = field(req.get("stream_options") or {}, "include_usage", "boolean", "stream_options.")
+    return ChatPlan(body, model.id, stream, stream and usage is True, json_mode)
+
+
+# The types OpenAI documents for the request fields the translation reads.
+CHAT_FIELDS = {"messages": "array", "tools": "array", "tool_choice": "string|object",
+               "parallel_tool_calls": "boolean", "response_format": "object",
+               "stop": "string|array", "max_tokens": "integer", "max_completion_tokens": "integer",
+               "temperature": "number", "top_p": "number", "user": "string", "n": "integer",
+               "reasoning_effort": "string", "stream": "boolean", "stream_options": "object",
+               "logprobs": "boolean"}
 
 
 def refuse_unsupported(req):
+    for key, kinds in CHAT_FIELDS.items():
+        field(req, key, kinds)
     if req.get("n") not in (None, 1):
         raise BadRequest("n must be 1 for Claude models (one choice per request)")
     if req.get("logprobs"):
         raise BadRequest("logprobs are not available for Claude models")
-    for field in ("audio", "prediction", "functions", "function_call"):
-        if req.get(field) is not None:
+    for name in ("audio", "prediction", "functions", "function_call"):
+        if req.get(name) is not None:
             raise BadRequest("%s is not supported for Claude models%s" % (
-                field, "; use tools and tool_choice" if field.startswith("function") else ""))
+                name, "; use tools and tool_choice" if name.startswith("function") else ""))
 
 
 def max_tokens_of(req):
@@ -1330,7 +1359,7 @@ def chat_messages(messages):
         where = "messages[%d]" % i
         if not isinstance(msg, dict):
             raise BadRequest("%s must be an object" % where)
-        role = msg.get("role")
+        role = field(msg, "role", "string", where + ".")
         if role in ("system", "developer"):
             system.append(text_of(msg.get("content"), where + ".content"))
         elif role == "user":
@@ -1342,6 +1371,9 @@ def chat_messages(messages):
         else:
             raise BadRequest("%s.role %r is not supported; use system, developer, user, "
                              "assistant or tool" % (where, role))
+    if not turns:
+        raise BadRequest("messages need a user message with some content: Claude answers "
+                         "turns, not only system or developer messages")
     for turn in turns:
         # Anthropic wants tool results first in a user turn.
         turn["content"].sort(key=lambda block: block["type"] != "tool_result")
@@ -1361,7 +1393,8 @@ def text_of(content, where):
     if content is None or isinstance(content, str):
         return content or ""
     if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content
+        return "".join(field(part, "text", "string", "%s[%d]." % (where, j)) or ""
+                       for j, part in enumerate(content)
                        if isinstance(part, dict) and part.get("type") in ("text", "input_text"))
     raise BadRequest("%s must be a string or an array of text parts" % where)
 
@@ -1376,8 +1409,8 @@ def user_blocks(content, where):
         part_where = "%s.content[%d]" % (where, j)
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            if part.get("text"):
-                blocks.append({"type": "text", "text": str(part["text"])})
+            if field(part, "text", "string", part_where + "."):
+                blocks.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             image = part.get("image_url")
             blocks.append(image_block(image.get("url") if isinstance(image, dict) else image,
@@ -1409,8 +1442,9 @@ def assistant_blocks(msg, where):
     blocks = []
     content = msg.get("content")
     if isinstance(content, list):
-        text = "".join(p.get("text") or p.get("refusal") or "" for p in content
-                       if isinstance(p, dict))
+        text = "".join(field(p, "text", "string", "%s.content[%d]." % (where, j)) or
+                       field(p, "refusal", "string", "%s.content[%d]." % (where, j)) or ""
+                       for j, p in enumerate(content) if isinstance(p, dict))
     else:
         text = text_of(content, where + ".content")
     if text:
@@ -1428,7 +1462,8 @@ def tool_use_block(call, where):
     if not isinstance(function, dict) or not isinstance(call.get("id"), str) \
             or not isinstance(function.get("name"), str):
         raise BadRequest("%s needs an id and a function with a name" % where)
-    arguments = parse_json_or_none(function.get("arguments") or "{}")
+    arguments = parse_json_or_none(field(function, "arguments", "string", where + ".function.")
+                                   or "{}")
     if not isinstance(arguments, dict):
         raise BadRequest("%s.function.arguments must be a JSON object (as a string)" % where)
     return {"type": "tool_use", "id": call["id"], "name": function["name"], "input": arguments}
@@ -1494,9 +1529,10 @@ def chat_tool(tool, where):
     if not isinstance(tool, dict) or tool.get("type") != "function" \
             or not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise BadRequest("%s: only function tools with a name are supported" % where)
-    entry = {"name": function["name"],
-             "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
-    if function.get("description"):
+    schema = field(function, "parameters", "object", where + ".function.")
+    entry = {"name": function["name"], "input_schema": schema or {"type": "object",
+                                                                  "properties": {}}}
+    if field(function, "description", "string", where + ".function."):
         entry["description"] = function["description"]
     return entry
 
@@ -1577,18 +1613,21 @@ def chat_usage(usage):
 def anthropic_to_chat(message, plan, created):
     """An Anthropic message as an OpenAI chat.completion object."""
     texts, reasoning, calls = [], [], []
-    for block in message.get("content") or []:
+    for i, block in enumerate(answer_field(message, "content", "array", "message.") or []):
+        where = "message.content[%d]." % i
+        if not isinstance(block, dict):
+            raise bad_answer("%s must be an object, not %s" % (where[:-1], json_kind(block)))
         kind = block.get("type")
-        if kind == "text":
-            texts.append(block.get("text", ""))
-        elif kind == "thinking":
-            reasoning.append(block.get("thinking", ""))
+        if kind in ("text", "thinking"):
+            (texts if kind == "text" else reasoning).append(answer_field(block, kind, "string",
+                                                                         where) or "")
         elif kind == "tool_use" and plan.json_mode and block.get("name") == JSON_TOOL:
             texts.append(json.dumps(block.get("input"), ensure_ascii=False))
         elif kind == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function", "function": {
-                "name": block.get("name"),
-                "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+            calls.append({"id": answer_field(block, "id", "string", where), "type": "function",
+                          "function": {"name": answer_field(block, "name", "string", where),
+                                       "arguments": json.dumps(block.get("input") or {},
+                                                               ensure_ascii=False)}})
     reply = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
     if calls:
         reply["tool_calls"] = calls
@@ -1596,10 +1635,12 @@ def anthropic_to_chat(message, plan, created):
         reply["reasoning_content"] = "".join(reasoning)
     usage = {}
     read_usage(usage, message)
-    return {"id": "chatcmpl-" + str(message.get("id", "proxy")), "object": "chat.completion",
-            "created": created, "model": plan.model, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": reply, "logprobs": None, "finish_reason":
-                         finish_reason(message.get("stop_reason"), plan.json_mode)}],
+    stop_reason = answer_field(message, "stop_reason", "string", "message.")
+    return {"id": "chatcmpl-" + (answer_field(message, "id", "string", "message.") or "proxy"),
+            "object": "chat.completion", "created": created, "model": plan.model,
+            "system_fingerprint": None, "choices": [{"index": 0, "message": reply, "logprobs":
+                                                     None, "finish_reason": finish_reason(
+                                                         stop_reason, plan.json_mode)}],
             "usage": chat_usage(usage)}
 
 
@@ -1692,13 +1733,14 @@ class ChatAdapter(Adapter):
         return dump_json(self.plan.body)
 
     def answer(self, data):
+        message = parse_json_or_none(data)
+        if not isinstance(message, dict):
+            raise bad_answer("not a JSON object")
+        read_usage(self.usage, message)
         try:
-            message = parse_json(data)
-            read_usage(self.usage, message)
             return json.dumps(anthropic_to_chat(message, self.plan, self.created)).encode()
-        except (ValueError, AttributeError, TypeError, RecursionError):
-            raise UpstreamUnreachable("GitLab's AI gateway sent an answer the proxy could not "
-                                      "translate") from None
+        except RecursionError:
+            raise bad_answer("nested too deeply") from None
 
     def feed(self, data):
         out = []
@@ -1719,44 +1761,50 @@ class ChatAdapter(Adapter):
         return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
 
     def on_message_start(self, event):
-        message = event.get("message") or {}
-        self.id = "chatcmpl-" + str(message.get("id", "proxy"))
+        message = answer_field(event, "message", "object", "message_start.") or {}
+        self.id = "chatcmpl-" + (answer_field(message, "id", "string", "message.") or "proxy")
         read_usage(self.usage, event)
         return [self.chunk({"role": "assistant", "content": ""})]
 
     def on_content_block_start(self, event):
-        block = event.get("content_block") or {}
+        block = answer_field(event, "content_block", "object", "content_block_start.") or {}
+        index = answer_field(event, "index", "integer", "content_block_start.")
         if block.get("type") != "tool_use":
             return []
-        if self.plan.json_mode and block.get("name") == JSON_TOOL:
-            self.blocks[event.get("index")] = JSON_TOOL
+        name = answer_field(block, "name", "string", "content_block.")
+        if self.plan.json_mode and name == JSON_TOOL:
+            self.blocks[index] = JSON_TOOL
             return []
         call = sum(1 for v in self.blocks.values() if v != JSON_TOOL)
-        self.blocks[event.get("index")] = call
-        function = {"name": block.get("name"), "arguments": ""}
-        return [self.chunk({"tool_calls": [{"index": call, "id": block.get("id"),
-                                            "type": "function", "function": function}]})]
+        self.blocks[index] = call
+        function = {"name": name, "arguments": ""}
+        return [self.chunk({"tool_calls": [{"index": call, "id": answer_field(
+            block, "id", "string", "content_block."), "type": "function", "function": function}]})]
+
+    DELTAS = {"text_delta": ("text", "content"), "input_json_delta": ("partial_json", None),
+              "thinking_delta": ("thinking", "reasoning_content")}  # Anthropic's -> OpenAI's
 
     def on_content_block_delta(self, event):
-        delta = event.get("delta") or {}
-        kind = delta.get("type")
-        if kind == "text_delta" and delta.get("text"):
-            return [self.chunk({"content": delta["text"]})]
-        if kind == "thinking_delta" and delta.get("thinking"):
-            return [self.chunk({"reasoning_content": delta["thinking"]})]
-        if kind == "input_json_delta" and delta.get("partial_json"):
-            target = self.blocks.get(event.get("index"))
-            if target == JSON_TOOL:
-                return [self.chunk({"content": delta["partial_json"]})]
-            if target is not None:
-                return [self.chunk({"tool_calls": [{"index": target, "function": {
-                    "arguments": delta["partial_json"]}}]})]
+        delta = answer_field(event, "delta", "object", "content_block_delta.") or {}
+        key, out = self.DELTAS.get(answer_field(delta, "type", "string", "delta."), (None, None))
+        text = key and answer_field(delta, key, "string", "delta.")
+        if not text:
+            return []
+        if out:
+            return [self.chunk({out: text})]
+        target = self.blocks.get(answer_field(event, "index", "integer", "content_block_delta."))
+        if target == JSON_TOOL:
+            return [self.chunk({"content": text})]
+        if target is not None:
+            return [self.chunk({"tool_calls": [{"index": target,
+                                                "function": {"arguments": text}}]})]
         return []
 
     def on_message_delta(self, event):
         read_usage(self.usage, event)
-        stop_reason = (event.get("delta") or {}).get("stop_reason")
-        self.finish_reason = finish_reason(stop_reason, self.plan.json_mode)
+        delta = answer_field(event, "delta", "object", "message_delta.") or {}
+        self.finish_reason = finish_reason(answer_field(delta, "stop_reason", "string", "delta."),
+                                           self.plan.json_mode)
         return []
 
     def on_message_stop(self, event):
@@ -1771,9 +1819,10 @@ class ChatAdapter(Adapter):
 
     def on_error(self, event):
         self.complete = True
-        error = event.get("error") or {}
-        return [openai_error_frame(str(error.get("message") or "upstream error"),
-                                   OPENAI_ERROR_TYPES.get(error.get("type"), "server_error"))]
+        error = answer_field(event, "error", "object", "error event.") or {}
+        kind = answer_field(error, "type", "string", "error.")
+        return [openai_error_frame(answer_field(error, "message", "string", "error.") or
+                                   "upstream error", OPENAI_ERROR_TYPES.get(kind, "server_error"))]
 
 
 # === Credentials and tokens ===
@@ -2619,7 +2668,10 @@ class Relay:
                 return "the connection to GitLab's AI gateway broke mid-stream (%s)" % broken
             # At the end, what is left is sent as it is: there is no more to wait for.
             events, pending = sse_split(pending + data) if data else (pending, b"")
-            out = adapter.feed(events) if events else b""
+            try:
+                out = adapter.feed(events) if events else b""
+            except ProxyError as exc:  # the gateway sent what the translation cannot take
+                return exc.message
             if out:
                 self.write(out)
             if not data:
@@ -2965,13 +3017,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # framing we did not choose: never reuse
         members = parse_body(raw)
-        model = members.get("model")
-        model = "" if model is None else model  # no model: the default one
-        if not isinstance(model, str):
-            raise BadRequest("model must be a string: the request needs a \"model\" string "
-                             "(such as %s), not %s" % (DEFAULT_MODEL, json_kind(model)))
         self.ctx.stream = members.get("stream") is True
-        self.ctx.model = self.server.catalog.resolve(model)
+        self.ctx.model = self.server.catalog.resolve(members.get("model") or "")
         return raw, members, self.ctx.model
 
     # --- routes
@@ -3922,12 +3969,10 @@ class Doctor:
         if self.catalog.spec(model).api == OPENAI:
             adapter = OpenAIAdapter("/v1/chat/completions", {"max_completion_tokens": 16,
                                                              "messages": PING}, None, model, None)
-        elif free:
-            adapter = Adapter("/v1/messages/count_tokens?beta=true", {"messages": PING}, None,
-                              model, None)
         else:
-            adapter = Adapter("/v1/messages", {"max_tokens": 1, "messages": PING}, None, model,
-                              None)
+            path, body = ("/v1/messages/count_tokens?beta=true", {}) if free else (
+                "/v1/messages", {"max_tokens": 1})
+            adapter = Adapter(path, dict(body, messages=PING), None, model, None)
         tokens = TokenCache(lambda: self.payload, self.clock)
         try:
             result = self.upstream.call(adapter, tokens,

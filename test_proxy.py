@@ -467,10 +467,12 @@ class FakeGatewayHandler(FakeHandler):
         payload = req.json()
         if req.kind == "count_tokens":
             return self.send_json(200, {"input_tokens": 42})
+        wrong = self.server.wrong_types
         if req.kind == "messages" and payload.get("stream"):
-            return self.send_stream(text_stream(payload["model"]))
+            return self.send_stream([mistyped(frame, wrong) for frame in text_stream(payload["model"])])
         if req.kind == "messages":
-            return self.send_json(200, message_json(payload["model"]), [("x-request-id", "gw-req-9")])
+            return self.send_json(200, dict(message_json(payload["model"]), **wrong.get("message", {})),
+                                  [("x-request-id", "gw-req-9")])
         if req.kind == "chat" and payload.get("stream"):
             return self.send_stream(openai_chat_stream(payload["model"]))
         if req.kind == "chat":
@@ -486,7 +488,15 @@ class FakeGateway(ScriptedServer):
     def __init__(self, state, prefix="/ai"):
         self.prefix = prefix
         self.models = set(GATEWAY_MODELS)  # what GitLab serves today
+        # A gateway bug: {"message" or an event's type: {field: a value of the wrong type}}
+        # in its Messages answers, whole and streamed, with status 200.
+        self.wrong_types = {}
         super().__init__(FakeGatewayHandler, state)
+
+
+def mistyped(frame, wrong):
+    event = json.loads(frame.split(b"data: ", 1)[1])
+    return sse(event["type"], dict(event, **wrong[event["type"]])) if event["type"] in wrong else frame
 
 
 def sse(event, data):
@@ -674,6 +684,7 @@ class ProxyTestCase(unittest.TestCase):
 
 
 CATALOG = gdp.Catalog(gdp.build_catalog(""), gdp.DEFAULT_MODEL)
+PNG = "data:image/png;base64,iVBORw0KGgo="
 SIMPLE = {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -2282,6 +2293,275 @@ class FuzzTests(ProxyTestCase):
         self.assertEqual(self.post("/v1/messages", SIMPLE).status, 200)
 
 
+# --- structured fuzzing: every translation, fed what clients and the gateway might send -----
+# Each target takes `choose(n)` (a number below n) from a seeded random generator here, or
+# from atheris' coverage-guided data in .ci/fuzz.py, builds its input by changing valid
+# requests and answers at random places with values of OpenAI's and Anthropic's vocabulary,
+# and lets through only the proxy's own errors.
+
+FUZZ_KEYS = ("model", "messages", "role", "content", "type", "text", "image_url", "url", "tool_calls",
+             "id", "function", "name", "arguments", "tool_call_id", "tools", "parameters", "description",
+             "tool_choice", "parallel_tool_calls", "response_format", "json_schema", "schema", "max_tokens",
+             "max_completion_tokens", "temperature", "top_p", "stop", "user", "reasoning_effort", "stream",
+             "stream_options", "include_usage", "n", "logprobs", "refusal", "index", "delta", "message",
+             "content_block", "partial_json", "thinking", "stop_reason", "usage", "input_tokens",
+             "output_tokens", "error", "input", "signature", "input_tokens_details", "cached_tokens")
+FUZZ_STRINGS = ("system", "developer", "user", "assistant", "tool", "text", "image_url", "input_text",
+                "function", "auto", "none", "required", "json_object", "json_schema", "object", "minimal",
+                "low", "high", "xhigh", "max", "tool_use", "tool_result", "text_delta", "thinking_delta",
+                "input_json_delta", "message_start", "content_block_start", "content_block_delta",
+                "message_delta", "message_stop", "ping", "error", "end_turn", "max_tokens", gdp.JSON_TOOL,
+                "claude-sonnet-4-6", "claude-opus-4-5-20251101", "gpt-5.3-codex", PNG, "https://x.example/a.png",
+                "data:image/tiff;base64,AA==", "{}", '{"a": 1}', "[1]", "", "\u00e9\x00")
+
+
+def fuzz_value(choose, depth=0):
+    kind = choose(8 if depth < 3 else 5)
+    if kind < 3:
+        return (None, True, False, 0, -1, 1, 7, 2 ** 40, 1.5, -0.5, float("nan"))[choose(11)]
+    if kind < 5:
+        return (FUZZ_STRINGS + FUZZ_KEYS)[choose(len(FUZZ_STRINGS) + len(FUZZ_KEYS))]
+    if kind < 7:
+        return [fuzz_value(choose, depth + 1) for _ in range(choose(4))]
+    return {FUZZ_KEYS[choose(len(FUZZ_KEYS))]: fuzz_value(choose, depth + 1) for _ in range(choose(4))}
+
+
+def fuzz_change(choose, value):
+    """value with one thing somewhere in it replaced, added or dropped."""
+    if isinstance(value, dict) and value and choose(4):
+        key = list(value)[choose(len(value))]
+        if choose(8) == 0:
+            del value[key]
+        else:
+            value[key if choose(6) else FUZZ_KEYS[choose(len(FUZZ_KEYS))]] = fuzz_change(choose, value[key])
+        return value
+    if isinstance(value, list) and value and choose(4):
+        index = choose(len(value))
+        value[index] = fuzz_change(choose, value[index])
+        return value
+    return fuzz_value(choose)
+
+
+def fuzzed(choose, seeds):
+    value = json.loads(json.dumps(seeds[choose(len(seeds))]))
+    for _ in range(1 + choose(3)):
+        value = fuzz_change(choose, value)
+    return value
+
+
+TOOL = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+    "type": "object", "properties": {"x": {"type": "string"}}}}}
+CHAT_SEEDS = (
+    {"model": "claude-sonnet-4-6", "max_tokens": 50, "temperature": 0.5, "top_p": 0.9, "stop": ["X"], "user": "u",
+     "messages": [{"role": "system", "content": "s"}, {"role": "developer", "content": [{"type": "text", "text": "d"}]},
+                  {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {
+                      "url": PNG}}]}]},
+    {"model": "claude-opus-4-5-20251101", "reasoning_effort": "minimal", "stream": True, "tools": [TOOL],
+     "stream_options": {"include_usage": True}, "tool_choice": "required", "parallel_tool_calls": False,
+     "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": [{"type": "text", "text": "a"}],
+                  "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                  {"role": "tool", "tool_call_id": "c", "content": [{"type": "text", "text": "r"}]}]},
+    {"model": "claude-fable-5", "reasoning_effort": "xhigh", "max_completion_tokens": 9, "response_format": {
+        "type": "json_schema", "json_schema": {"schema": {"type": "object"}}}, "tool_choice": {
+        "type": "function", "function": {"name": "f"}}, "messages": [{"role": "user", "content": "x"}]})
+MESSAGE_SEEDS = (message_json("claude-sonnet-4-6"), {
+    "id": "msg_1", "type": "message", "model": "m", "stop_reason": "tool_use", "content": [
+        {"type": "thinking", "thinking": "t", "signature": "s"}, {"type": "text", "text": "x"},
+        {"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}},
+        {"type": "tool_use", "id": "j", "name": gdp.JSON_TOOL, "input": {"b": 2}}],
+    "usage": {"input_tokens": 1, "output_tokens": 2, "cache_read_input_tokens": 3}})
+EVENT_SEEDS = tuple(json.loads(frame.split(b"data: ", 1)[1]) for frame in
+                    rich_stream("claude-sonnet-4-6") + text_stream("claude-sonnet-4-6")) + (
+    {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}},
+    {"type": "content_block_start", "index": 2, "content_block": {"type": "tool_use", "id": "j",
+                                                                  "name": gdp.JSON_TOOL, "input": {}}})
+
+
+def fuzz_chat_request(choose):
+    """A client's chat completions request, as far as the translation for the model that
+    serves it (and again for a fallback)."""
+    try:
+        members = gdp.parse_body(json.dumps(fuzzed(choose, CHAT_SEEDS)).encode())
+        model = CATALOG.resolve(members.get("model") or "")
+        adapter = gdp.ChatAdapter(members, model, CATALOG, 1) if CATALOG.spec(model).api == "anthropic" \
+            else gdp.OpenAIAdapter("/v1/chat/completions", members, b"", model, CATALOG)
+        json.loads(adapter.body(("claude-opus-4-5-20251101", "claude-sonnet-5", "gpt-5.4-mini")[choose(3)]))
+    except gdp.ProxyError:
+        pass
+
+
+def fuzz_chat_answer(choose):
+    """The gateway's answer to a translated request, whole or streamed, translated back."""
+    adapter = gdp.ChatAdapter(json.loads(json.dumps(CHAT_SEEDS[choose(len(CHAT_SEEDS))])), "claude-sonnet-4-6",
+                              CATALOG, 1)
+    try:
+        if choose(3) == 0:
+            json.loads(adapter.answer(json.dumps(fuzzed(choose, MESSAGE_SEEDS)).encode()))
+        for _ in range(1 + choose(12)):
+            event = fuzzed(choose, EVENT_SEEDS) if choose(3) else EVENT_SEEDS[choose(len(EVENT_SEEDS))]
+            adapter.feed(b"event: x\ndata: " + json.dumps(event).encode() + b"\n\n")
+    except gdp.ProxyError:
+        pass
+
+
+def fuzz_pass_through(choose):
+    """The Messages and Responses routes and the GPT chat relay: bodies, events, answers."""
+    try:
+        members = gdp.parse_body(json.dumps(fuzzed(choose, CHAT_SEEDS + (SIMPLE,))).encode())
+        kind = (gdp.Adapter, gdp.OpenAIAdapter)[choose(2)]
+        adapter = kind(("/v1/messages", "/v1/responses", "/v1/chat/completions")[choose(3)], members, b"{}",
+                       CATALOG.resolve(members.get("model") or ""), CATALOG)
+        adapter.body(("gpt-5.4-mini", "claude-sonnet-5")[choose(2)])
+        adapter.feed(b"data: " + json.dumps(fuzzed(choose, EVENT_SEEDS + MESSAGE_SEEDS)).encode() + b"\n\n")
+        adapter.answer(json.dumps(fuzzed(choose, MESSAGE_SEEDS)).encode())
+    except gdp.ProxyError:
+        pass
+
+
+def fuzz_helpers(choose):
+    """The pure helpers that read what clients send: targets, query strings, keys, bodies."""
+    words = FUZZ_STRINGS + ("/v1/v1/messages", "?", "&", "=", "%00", "limit", "after_id", "before_id", "Bearer ",
+                            "Basic ", "x-api-key", "chunked", "10.0.0.1", "::1", ",", "1", "-3", "\r\n", "ff")
+    text = "".join(words[choose(len(words))] for _ in range(choose(6)))
+    headers = http.client.HTTPMessage()
+    for _ in range(choose(4)):
+        headers[("Authorization", "x-api-key", "Content-Length", "Transfer-Encoding", "anthropic-beta",
+                 "X-Forwarded-For", "accept")[choose(7)]] = text
+    try:
+        path, query = gdp.split_target(text)
+        gdp.parse_page_args(query)
+    except gdp.ProxyError:
+        pass
+    gdp.presented_key(headers)
+    gdp.request_headers(headers)
+    gdp.client_address(text, headers.get_all("X-Forwarded-For") or [], gdp.parse_networks("10.0.0.0/8,::1"))
+    gdp.parse_retry_after(text)
+    try:
+        gdp.read_body(headers, io.BytesIO(text.encode("utf-8", "replace")), 64)
+    except gdp.ProxyError:
+        pass
+
+
+FUZZ_TARGETS = {"chat_request": fuzz_chat_request, "chat_answer": fuzz_chat_answer,
+                "pass_through": fuzz_pass_through, "helpers": fuzz_helpers}
+
+
+class TypedInputTests(ProxyTestCase):
+    """What clients and the gateway send is checked against the types their APIs document:
+    a client's mistake is a 400 naming the field, the gateway's a 502 or an error frame."""
+
+    USER = [{"role": "user", "content": "hi"}]
+
+    def chat(self, payload):
+        return self.request("POST", "/v1/chat/completions", dict({"model": "claude-sonnet-4-6"}, **payload),
+                            {"Content-Type": "application/json"})
+
+    def test_client_fields_of_the_wrong_type_get_a_400_naming_them(self):
+        text = lambda value: [{"type": "text", "text": value}]  # noqa: E731
+        cases = [({"tools": 5}, "tools must be an array, not a number"),
+                 ({"tools": True}, "tools must be an array, not true"),
+                 ({"reasoning_effort": {"a": 1}}, "reasoning_effort must be a string, not an object"),
+                 ({"reasoning_effort": ["high"]}, "reasoning_effort must be a string, not an array"),
+                 ({"stream": "yes"}, "stream must be a boolean, not a string"),
+                 ({"messages": [{"role": "system", "content": text(5)}] + self.USER},
+                  "messages[0].content[0].text must be a string, not a number"),
+                 ({"messages": [{"role": "developer", "content": text(None)}, {"role": "user", "content": text([1])}]},
+                  "messages[1].content[0].text must be a string, not an array"),
+                 ({"messages": self.USER + [{"role": "assistant", "content": text({"a": 1})}]},
+                  "messages[1].content[0].text must be a string, not an object"),
+                 ({"messages": self.USER + [{"role": "assistant", "tool_calls": [{"id": "c", "function": {
+                     "name": "f", "arguments": {"a": 1}}}]}]},
+                  "messages[1].tool_calls[0].function.arguments must be a string, not an object"),
+                 ({"messages": [{"role": "system", "content": "only"}], "reasoning_effort": "minimal"},
+                  "messages need a user message")]
+        for extra, fragment in cases:
+            resp = self.chat(dict({"messages": self.USER}, **extra))
+            self.assertEqual(resp.status, 400, (extra, resp.body))
+            self.assertEqual(resp.json()["error"]["type"], "invalid_request_error")
+            self.assertIn(fragment, resp.json()["error"]["message"])
+        self.assertEqual(self.gateway_calls(), [])
+
+    def test_a_model_that_is_not_a_string_is_a_400_on_every_route(self):
+        for path in ("/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions", "/v1/responses"):
+            for model in (5, ["claude-sonnet-4-6"], {"id": "claude-sonnet-4-6"}, True):
+                resp = self.post(path, {"model": model, "messages": self.USER, "max_tokens": 5, "input": "hi"})
+                self.assertEqual(resp.status, 400, (path, model))
+                self.assertIn('the request needs a "model" string', resp.json()["error"]["message"])
+        self.assertEqual(self.gateway_calls(), [])
+
+    def test_a_translated_answer_with_a_field_of_the_wrong_type_is_a_502(self):
+        self.gateway.wrong_types = {"message": {"content": "not a list"}}
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            resp = self.chat({"messages": self.USER})
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+        self.assertEqual((resp.status, resp.json()["error"]["type"]), (502, "server_error"))
+        self.assertIn("could not translate (message.content must be an array, not a string)",
+                      resp.json()["error"]["message"])
+        lines = [line for line in logs.output if "could not translate" in line]
+        self.assertEqual(len(lines), 1)
+        self.assertIn("request-id=" + resp.headers["request-id"], lines[0])
+
+    def test_a_translated_stream_with_a_field_of_the_wrong_type_ends_with_an_error_frame(self):
+        self.gateway.wrong_types = {"content_block_delta": {"delta": 5}}
+        with self.assertLogs("gitlab_duo_proxy", "INFO") as logs:
+            resp = self.chat({"messages": self.USER, "stream": True})  # read to its end: not torn
+            self.assertTrue(self.proxy.inflight.wait_idle(5))
+        self.assertEqual(resp.status, 200)
+        frames = [json.loads(f[6:]) for f in resp.body.decode().split("\n\n") if f.startswith("data: {")]
+        self.assertEqual(frames[0]["choices"][0]["delta"], {"role": "assistant", "content": ""})
+        self.assertIn("content_block_delta.delta must be an object, not a number", frames[-1]["error"]["message"])
+        self.assertNotIn(b"[DONE]", resp.body)
+        cut = [r.getMessage() for r in logs.records if r.levelname == "WARNING"]
+        self.assertEqual(len(cut), 1)
+        self.assertIn("stream %s cut: GitLab's AI gateway sent an answer" % resp.headers["request-id"], cut[0])
+
+    def test_the_pass_through_routes_relay_such_answers_byte_for_byte(self):
+        self.gateway.wrong_types = wrong = {"content_block_delta": {"delta": 5}, "message": {"content": "x"}}
+        resp = self.post("/v1/messages", dict(SIMPLE, stream=True))
+        self.assertEqual(resp.body, b"".join(mistyped(f, wrong) for f in text_stream("claude-sonnet-4-6")))
+        self.assertEqual(self.post("/v1/messages", SIMPLE).json()["content"], "x")
+
+    def test_every_crash_structured_fuzzing_found_is_now_the_proxys_own_error(self):
+        crashed = [{"tools": 5}, {"reasoning_effort": {}}, {"messages": [{"role": "system", "content": "s"}],
+                                                             "reasoning_effort": "minimal"},
+                   {"messages": [{"role": "system", "content": [{"type": "text", "text": True}]}]},
+                   {"messages": [{"role": "assistant", "content": [{"type": "text", "text": {}}]}]},
+                   {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {
+                       "name": "f", "arguments": 1}}]}]}]
+        for req in crashed:
+            with self.assertRaises(gdp.BadRequest):
+                gdp.ChatAdapter(dict({"messages": self.USER}, **req), "claude-sonnet-4-6", CATALOG, 1)
+        events = [{"type": "message_start", "message": True}, {"type": "content_block_start", "content_block": "x"},
+                  {"type": "content_block_start", "index": {}, "content_block": {"type": "tool_use", "name": "f"}},
+                  {"type": "content_block_delta", "delta": "x"}, {"type": "content_block_delta", "index": {},
+                                                                 "delta": {"type": "input_json_delta", "partial_json": "{"}},
+                  {"type": "message_delta", "delta": "x"}, {"type": "message_delta", "delta": {"stop_reason": []}},
+                  {"type": "error", "error": []}, {"type": "error", "error": {"type": []}}]
+        for event in events:
+            adapter = gdp.ChatAdapter({"messages": self.USER}, "claude-sonnet-4-6", CATALOG, 1)
+            with self.assertRaises(gdp.UpstreamUnreachable):
+                adapter.feed(b"data: " + json.dumps(event).encode() + b"\n\n")
+        for message in ({"content": 5}, {"content": [1]}, {"content": [{"type": "text", "text": 2}]}, {"stop_reason": []}):
+            with self.assertRaises(gdp.UpstreamUnreachable):
+                gdp.ChatAdapter({"messages": self.USER}, "claude-sonnet-4-6", CATALOG, 1).answer(json.dumps(message).encode())
+
+
+class TranslationPropertyTests(unittest.TestCase):
+    """Thousands of generated requests and gateway answers through each translation (seeded:
+    a failure is repeatable). Only the proxy's own errors may come out."""
+
+    def test_only_the_proxys_own_errors_come_out(self):
+        for name, target in FUZZ_TARGETS.items():
+            rng = random.Random(name)
+            for n in range(2500):
+                state = rng.getstate()
+                try:
+                    target(rng.randrange)
+                except Exception as exc:
+                    rng.setstate(state)
+                    self.fail("%s, case %d: %r (repeat with rng state %s)" % (name, n, exc, hash(state)))
+
+
 # --- security ---------------------------------------------------------------------------
 
 class ApiKeyTests(ProxyTestCase):
@@ -2782,7 +3062,6 @@ class CorporateProxyTests(ProxyTestCase):
 
 # --- OpenAI front door ------------------------------------------------------------------
 
-PNG = "data:image/png;base64,iVBORw0KGgo="
 
 
 class ChatTranslationTests(unittest.TestCase):
