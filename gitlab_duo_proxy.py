@@ -10,7 +10,7 @@ Quick start:
   cp .env.example .env          # put GITLAB_TOKEN=glpat-... in it (scope: ai_features)
   python3 gitlab_duo_proxy.py   # then point a client at http://127.0.0.1:4141
 
-  ANTHROPIC_BASE_URL=http://127.0.0.1:4141 ANTHROPIC_API_KEY=dummy claude
+  ANTHROPIC_BASE_URL=http://127.0.0.1:4141 ANTHROPIC_AUTH_TOKEN=unused claude
 
 Routes: POST /v1/messages, POST /v1/messages/count_tokens, GET /v1/models[/{id}],
 POST /v1/chat/completions, POST /v1/responses, GET /stats, GET /metrics,
@@ -52,6 +52,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import urllib.parse
 import urllib.request
 
@@ -430,8 +431,9 @@ def gateway_error_hint(status, message, obj, model, known_models):
     lower = (message or "").lower()
     code = str(obj.get("error_code", "") if isinstance(obj, dict) else "")
     if "unsupported model" in lower:
-        return ("GitLab does not serve model %r. Models this proxy knows: %s. If GitLab's list "
-                "changed, set MODELS or pick another model." % (model, ", ".join(known_models)))
+        return ("GitLab does not serve model %r. Other models this proxy knows: %s. If GitLab's "
+                "list changed, set MODELS or pick another model." % (model, ", ".join(
+                    m for m in known_models if m != model)))
     if "failed to extract model" in lower:
         return "The request needs a \"model\" string."
     if code == "USAGE_QUOTA_EXCEEDED" or "insufficient_credits" in lower:
@@ -653,9 +655,6 @@ class Config(collections.namedtuple(
             base += self.gateway_prefix
         return base
 
-    def secrets(self):
-        return tuple(s for s in (self.gitlab_token, self.api_key) if s)
-
 
 def parse_dotenv(text):
     """KEY=VALUE lines as a dict: `export ` prefixes, quotes and # comments allowed."""
@@ -694,8 +693,8 @@ def read_env_files(paths):
     return values, origin
 
 
-def default_env_files(cwd=None):
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".env")
+def default_env_files(cwd=None, script_dir=None):
+    here = os.path.join(script_dir or os.path.dirname(os.path.abspath(__file__)), ".env")
     there = os.path.join(cwd or os.getcwd(), ".env")
     return [here] if os.path.abspath(here) == os.path.abspath(there) else [here, there]
 
@@ -828,11 +827,11 @@ def proxy_settings(environ, dotenv):
     return values
 
 
-def load_config(argv=None, environ=None, cwd=None):
+def load_config(argv=None, environ=None, cwd=None, script_dir=None):
     """Parse flags, environment and .env files into (Config, parsed args, warnings)."""
     environ = os.environ if environ is None else environ
     args = build_arg_parser().parse_args(argv)
-    files = [args.env_file] if args.env_file else default_env_files(cwd)
+    files = [args.env_file] if args.env_file else default_env_files(cwd, script_dir)
     if args.env_file and not os.path.isfile(args.env_file):
         raise ConfigError("--env-file %s: no such file" % args.env_file)
     dotenv, origin = read_env_files(files)
@@ -887,8 +886,8 @@ def validate_config(config, args):
         raise ConfigError("no GitLab token: set GITLAB_TOKEN (in the environment or .env), "
                           "GITLAB_TOKEN_FILE or GITLAB_TOKEN_COMMAND, or use --per-user")
     if config.per_user and config.token_source and not args.check:
-        raise ConfigError("--per-user takes each client's own GitLab token; unset %s"
-                          % config.token_source.split(" ")[0])
+        raise ConfigError("--per-user takes each client's own GitLab token; remove %s (or "
+                          "use --env-file with another file)" % config.token_source)
     if config.per_user and config.api_key:
         raise ConfigError("--per-user uses each client's GitLab token as its key; PROXY_API_KEY "
                           "cannot be combined with it")
@@ -1932,15 +1931,6 @@ class GatewayToken(collections.namedtuple("GatewayToken", "token headers expires
         return cls(token, token_headers(token, headers), expires, due, refresh_at)
 
 
-class _Flight:
-    """One token exchange in progress; everyone who needs a token meanwhile waits for it."""
-
-    def __init__(self):
-        self.done = threading.Event()
-        self.token = None
-        self.error = None
-
-
 class TokenCache:
     """A gateway token shared by all requests: fetched once, then refreshed in the
     background before it is due (refresh_if_due, called by TokenRefresher), so after the
@@ -1994,7 +1984,8 @@ class TokenCache:
         """(the exchange in flight, whether the caller must run it); under the lock."""
         if self._flight is not None:
             return self._flight, False
-        self._flight = _Flight()
+        # One exchange in progress: whoever needs a token meanwhile waits for it.
+        self._flight = types.SimpleNamespace(done=threading.Event(), token=None, error=None)
         self.exchanges += 1
         return self._flight, True
 
@@ -2959,7 +2950,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_error_response(ProxyError("internal proxy error (request %s); see the "
                                                 "proxy's log" % ctx.request_id, 500))
         finally:
-            probe = ctx.route in PROBES and ctx.status == 200
+            probe = ctx.route in PROBES and ctx.status in (200, 503)
             if not probe:
                 server.stats.record(ctx)
             log.log(logging.DEBUG if probe else logging.INFO, ctx.log_line(server.redact))
@@ -3679,7 +3670,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
 
     def redact(self, text):
         """text with every secret the proxy knows, and anything token-shaped, masked."""
-        for secret in list(self.config.secrets()) + self.tokens.secrets():
+        known = [self.config.gitlab_token, self.config.api_key] + self.tokens.secrets()
+        for secret in filter(None, known):
             text = text.replace(secret, "[redacted]")
         return redact_patterns(text)
 
@@ -3815,16 +3807,19 @@ def main(argv=None):
         for warning in warnings:
             log.warning(warning)
         status = run_action(config, args)
-        if status is not None:
-            return status
-        server = ProxyServer(config)
+        server = ProxyServer(config) if status is None else None
     except ConfigError as exc:
         print("%s: error: %s" % (NAME, exc), file=sys.stderr)
         return 2
+    except BrokenPipeError:  # an action's reader left (| head): the rest would go nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:
         print("%s: error: cannot listen on %s:%s: %s" % (NAME, config.host, config.port,
                                                          exc.strerror or exc), file=sys.stderr)
         return 1
+    if server is None:
+        return status
     # Signals are handled before anyone learns the port: a SIGTERM right after the
     # "listening" line must already mean a graceful stop.
     install_signal_handlers(server)
