@@ -3123,7 +3123,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         headers += [("Transfer-Encoding", "chunked")] if chunked else []
         relay = Relay(self.connection, result.sock, self.wfile, chunked)
         failure = "the client left"  # unless the relay ends otherwise
-        server.watcher.watch(relay)
+        if self.client_address not in server.shut:
+            server.watcher.watch(relay)
         try:
             self.wfile.write(self.head_bytes(result.status, headers))
             failure = relay.run(result.response, adapter, server.config)
@@ -3534,6 +3535,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.drain_until = None
         self.stopping = threading.Event()  # set when the listener closes
         self.trusted = config.trusted_proxies
+        self.shut = set()  # connections whose reading side close_idle shut
         self.stats = Stats(clock)
         self.pool = ConnectionPool(config)
         self.upstream = Upstream(config, self.pool, self.stopping, self.catalog, clock=clock)
@@ -3571,11 +3573,15 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             raise ShutdownRequested()
 
     def close_idle(self):
-        """Close the kept-alive connections waiting for a next request (how many)."""
+        """Close the kept-alive connections waiting for a next request (how many). Only their
+        reading side is shut: a request that arrived a moment ago is still answered, and its
+        relay does not take the end of its input for the client leaving (self.shut)."""
         busy = set(self.inflight.items)
-        idle = [sock for key, sock in list(self.connections.items.items()) if key not in busy]
-        for sock in idle:
-            try:  # its handler's read ends; what it still writes gets through
+        idle = [(key, sock) for key, sock in list(self.connections.items.items())
+                if key not in busy]
+        for key, sock in idle:
+            self.shut.add(key)
+            try:
                 socket.socket.shutdown(sock, socket.SHUT_RD)
             except OSError:
                 pass  # closed meanwhile
@@ -3756,9 +3762,10 @@ def serve(server):
     idle = server.close_idle()
     log.info("shutting down: no new connections, %d idle connection(s) closed; waiting up to "
              "%gs for %d request(s)", idle, grace, server.inflight.count)
-    if not server.inflight.wait_idle(grace):
+    # Connections, not only requests: one whose request arrived just now is not yet counted.
+    if not server.connections.wait_idle(grace):
         log.warning("%d request(s) still running after %gs; closing them",
-                    server.inflight.count, grace)
+                    server.connections.count, grace)
     server.server_close()
     log.info("stopped")
     return 0

@@ -1520,6 +1520,32 @@ class HelloProbeTests(ProxyTestCase):
         self.assertEqual((resp.status, resp.json(), resp.headers["Connection"]), (503, {"status": "draining"}, "close"))
         self.assertEqual(self.request("GET", "/livez").status, 200)
 
+    def test_a_request_that_arrives_as_idle_connections_close_is_still_answered(self):
+        arrived, go, release = threading.Event(), threading.Event(), threading.Event()
+        self.addCleanup(release.set)
+
+        class JustArrived(gdp.ProxyHandler):
+            def parse_request(self):  # read, but not yet counted as in flight
+                arrived.set()
+                go.wait(10)
+                return super().parse_request()
+        proxy = self.make_proxy(JustArrived, api_key=PROXY_KEY)
+        frames = text_stream("claude-sonnet-4-6")
+        self.gateway.script = [lambda h, r: h.send_stream(frames, gates={4: release})]
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.server_address[1], timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/messages", json.dumps(dict(SIMPLE, stream=True)),
+                     {"x-api-key": PROXY_KEY, "anthropic-version": "2023-06-01"})
+        self.assertTrue(arrived.wait(5))
+        self.assertEqual(proxy.close_idle(), 1)  # it looked idle: its reading side is shut
+        go.set()
+        resp = conn.getresponse()
+        head = resp.read1(65536)
+        watched = [k.data for k in proxy.watcher._selector.get_map().values() if k.data is not None]
+        self.assertEqual(watched, [])  # the end of its input is not the client leaving
+        release.set()
+        self.assertEqual(head + resp.read(), b"".join(frames))
+
     def test_from_the_shutdown_signal_on_every_answer_closes_its_connection(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.proxy.server_address[1], timeout=10)
         self.addCleanup(conn.close)
