@@ -2308,7 +2308,9 @@ class ConnectionPool:
 
     def __init__(self, config, max_idle=128, idle_ttl=50.0, clock=time.monotonic):
         self._config = config
-        self._ssl = client_ssl_context(config.ca_bundle)
+        # Loading the system's CAs takes a while: done for the first https connection, but a
+        # CA bundle of the user's is checked at once (a bad one stops start-up).
+        self._ssl = client_ssl_context(config.ca_bundle) if config.ca_bundle else None
         self._max_idle = max_idle
         self._idle_ttl = idle_ttl
         self._clock = clock
@@ -2334,6 +2336,7 @@ class ConnectionPool:
         host, port = (proxy[0], proxy[1]) if proxy else (endpoint.host, endpoint.port)
         timeout = self._config.connect_timeout
         if endpoint.scheme == "https":
+            self._ssl = self._ssl or client_ssl_context()
             conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._ssl)
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
@@ -2423,10 +2426,9 @@ Result = collections.namedtuple("Result", "status headers body response sock con
 
 class Upstream:
     """Calls GitLab (token exchange) and the AI gateway: retries, one token refresh, one
-    retry of a transient entitlement failure and one model fallback per request, all
-    before any byte reaches the client. A fallback (the newest catalog model of the
-    family, for a model GitLab does not serve) is remembered for an hour, so a model
-    GitLab adds later is found, and bounded whatever names clients send."""
+    retry of a transient entitlement failure and one model fallback per request (the newest
+    of the family, remembered for an hour: a model GitLab adds later is then found), all
+    before any byte reaches the client."""
 
     def __init__(self, config, pool, stopping, catalog=None, rng=random.random,
                  clock=time.monotonic, max_fallbacks=256):
@@ -3103,20 +3105,19 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ctx.request_id = gateway_id or ctx.request_id
         if result.status >= 400:
             raise gateway_error(result, adapter, server.catalog)
+        headers = response_headers_for_client(result.headers) if adapter.relays_headers else []
         if result.response is not None:
-            return self.relay_stream(result, adapter)
+            return self.relay_stream(result, adapter, headers)
         data = adapter.answer(result.body)
         ctx.usage = adapter.usage
-        headers = response_headers_for_client(result.headers) if adapter.relays_headers else []
         self.respond(result.status, data, headers)
 
-    def relay_stream(self, result, adapter):
+    def relay_stream(self, result, adapter, headers):
         ctx, server = self.ctx, self.server
         ctx.stream = True
         chunked = self.request_version != "HTTP/1.0"
         if not chunked:
             self.close_connection = True
-        headers = response_headers_for_client(result.headers) if adapter.relays_headers else []
         if not any(k.lower() == "content-type" for k, _ in headers):
             headers.append(("Content-Type", "text/event-stream"))
         headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]

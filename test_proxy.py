@@ -27,6 +27,10 @@ import unittest
 
 import gitlab_duo_proxy as gdp
 
+# The proxy's warnings (a fallback, say) go to tests that ask for them (assertLogs), not to
+# the terminal through logging's last resort.
+logging.getLogger("gitlab_duo_proxy").addHandler(logging.NullHandler())
+
 GITLAB_TOKEN = "glpat-TESTSECRET0123456789abcd"
 PROXY_KEY = "proxy-key-SECRET-4242"
 HERE = os.path.dirname(os.path.abspath(__file__))
