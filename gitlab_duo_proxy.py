@@ -2418,10 +2418,10 @@ def read_whole(pool, endpoint, conn, resp):
 
 
 # What Upstream.call found: the answer's status, headers and body (None for a stream, whose
-# response, upstream socket and connection the caller then owns), the model that served,
-# whether the token was renewed on the way, and the seconds to the answer's head.
-Result = collections.namedtuple("Result", "status headers body response sock conn model "
-                                          "refreshed seconds")
+# response and connection the caller then owns), the model that served, whether the token
+# was renewed on the way, and the seconds to the answer's head.
+Result = collections.namedtuple("Result", "status headers body response conn model refreshed "
+                                          "seconds")
 
 
 class Upstream:
@@ -2554,10 +2554,9 @@ class Upstream:
                       redact_headers(resp.headers.items()))
         kind = (resp.headers.get("content-type") or "").lower()
         if resp.status < 400 and kind.startswith("text/event-stream"):
-            return Result(resp.status, resp.headers, None, resp, conn.sock, conn, None, False,
-                          seconds)
+            return Result(resp.status, resp.headers, None, resp, conn, None, False, seconds)
         body = read_whole(self.pool, self.gateway, conn, resp)
-        return Result(resp.status, resp.headers, body, None, None, None, None, False, seconds)
+        return Result(resp.status, resp.headers, body, None, None, None, False, seconds)
 
     def _second_try(self, result, requested, model, tried):
         """(why this answer deserves one more attempt, the model for it). Each reason once
@@ -2933,7 +2932,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         server = self.server
         self.ctx = ctx = RequestContext(self.command, server.new_request_id())
         ctx.client = client_address(self.client_address[0],
-                                    self.headers.get_all("X-Forwarded-For") or (), server.trusted)
+                                    self.headers.get_all("X-Forwarded-For") or (),
+                                    server.config.trusted_proxies)
         server.inflight.enter(self.client_address)
         try:
             self.route()
@@ -3122,7 +3122,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers.append(("Content-Type", "text/event-stream"))
         headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
         headers += [("Transfer-Encoding", "chunked")] if chunked else []
-        relay = Relay(self.connection, result.sock, self.wfile, chunked)
+        relay = Relay(self.connection, result.conn.sock, self.wfile, chunked)
         failure = "the client left"  # unless the relay ends otherwise
         if self.client_address not in server.shut:
             server.watcher.watch(relay)
@@ -3535,7 +3535,6 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.draining = threading.Event()  # set by the first SIGINT/SIGTERM
         self.drain_until = None
         self.stopping = threading.Event()  # set when the listener closes
-        self.trusted = config.trusted_proxies
         self.shut = set()  # connections whose reading side close_idle shut
         self.stats = Stats(clock)
         self.pool = ConnectionPool(config)
